@@ -1,0 +1,143 @@
+"""Per-case Dice extraction and bootstrap confidence intervals for the cross-domain experiments.
+
+Both scoring protocols return the same *per-case structure*::
+
+    {case_id: {class_name: dice}}
+
+with ``case_id`` the prediction file name without its file ending and ``dice`` a float in [0, 1].
+
+NaN policy: nnU-Net gives NaN Dice when a class is absent from both the reference and the prediction of a case
+(0 / 0). Such case-class pairs are kept as NaN in the per-case structure and are *excluded* from that class's
+mean and bootstrap (exactly like nnU-Net's ``np.nanmean`` in ``summary.json``), see :func:`bootstrap_ci`.
+
+``labels`` arguments are ``{class_name: label_value}`` as in ``dataset.json``; the background entry (value 0) is
+ignored, so ``dataset.json['labels']`` can be passed as is. Only integer labels are supported (no regions).
+"""
+import os
+import warnings
+
+import numpy as np
+from batchgenerators.utilities.file_and_folder_operations import join, load_json, subfiles
+from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+
+def _foreground(labels: dict[str, int]) -> dict[str, int]:
+    return {name: int(value) for name, value in labels.items() if int(value) != 0}
+
+
+def _case_id(path: str, file_ending: str) -> str:
+    name = os.path.basename(path)
+    return name[:-len(file_ending)] if name.endswith(file_ending) else name
+
+
+def dice_per_case_from_summary(summary_file: str, labels: dict[str, int],
+                               file_ending: str) -> dict[str, dict[str, float]]:
+    """Whole-volume Dice per case and class, read from an nnU-Net ``summary.json``.
+
+    In: path of the ``summary.json`` written by ``compute_metrics_on_folder``, ``{class_name: label}`` and the
+    dataset file ending (e.g. ``'.nii.gz'``). Out: ``{case_id: {class_name: dice}}`` (NaN kept, see module doc).
+    """
+    summary = load_json(summary_file)
+    classes = _foreground(labels)
+    return {_case_id(case['prediction_file'], file_ending):
+            {name: float(case['metrics'][str(value)]['Dice']) for name, value in classes.items()}
+            for case in summary['metric_per_case']}
+
+
+def _dice(reference: np.ndarray, prediction: np.ndarray) -> float:
+    """Dice of two boolean masks of equal shape; NaN when both are empty (nnU-Net convention)."""
+    tp = np.count_nonzero(reference & prediction)
+    denominator = np.count_nonzero(reference) + np.count_nonzero(prediction)
+    return 2 * tp / denominator if denominator else float('nan')
+
+
+def foreground_slice_dice(reference: np.ndarray, prediction: np.ndarray,
+                          labels: dict[str, int]) -> dict[str, float]:
+    """Dice per class restricted to the slices where the reference has any foreground (paper protocol).
+
+    In: label maps of shape (Z, Y, X) (or (1, Z, Y, X) as returned by nnU-Net's ``read_seg``); slices are taken
+    along Z, the slowest axis. A slice is kept when the reference has any non-zero label in it; the Dice of each
+    class is then computed over all kept slices stacked. Out: ``{class_name: dice}``; NaN when a class is absent
+    from the reference and the prediction in the kept slices.
+    """
+    reference, prediction = reference.reshape(reference.shape[-3:]), prediction.reshape(prediction.shape[-3:])
+    if reference.shape != prediction.shape:
+        raise ValueError(f'shape mismatch: reference {reference.shape} vs prediction {prediction.shape}')
+    kept = np.any(reference != 0, axis=(1, 2))
+    reference, prediction = reference[kept], prediction[kept]
+    return {name: _dice(reference == value, prediction == value) for name, value in _foreground(labels).items()}
+
+
+def score_folder_foreground_slices(gt_folder: str, pred_folder: str, labels: dict[str, int],
+                                   file_ending: str) -> dict[str, dict[str, float]]:
+    """Foreground-slice Dice (:func:`foreground_slice_dice`) for every prediction in ``pred_folder``.
+
+    Like nnU-Net's evaluation, the cases are the prediction files; each needs a reference of the same name in
+    ``gt_folder``. Files are read with nnU-Net's ``SimpleITKIO``. Out: ``{case_id: {class_name: dice}}``, the same
+    structure as :func:`dice_per_case_from_summary`.
+    """
+    reader = SimpleITKIO()
+    scores = {}
+    for file_name in subfiles(pred_folder, suffix=file_ending, join=False):
+        reference, _ = reader.read_seg(join(gt_folder, file_name))
+        prediction, _ = reader.read_seg(join(pred_folder, file_name))
+        scores[_case_id(file_name, file_ending)] = foreground_slice_dice(reference, prediction, labels)
+    return scores
+
+
+def usable_cases(values) -> np.ndarray:
+    """The cases that enter a mean: (n_cases,) or (n_cases, n_classes) Dice in, (n_usable, n_classes) out,
+    dropping the cases that are NaN for every class."""
+    array = np.asarray(values, dtype=float)
+    array = array[:, None] if array.ndim == 1 else array
+    return array[~np.all(np.isnan(array), axis=1)]
+
+
+def _statistic(samples: np.ndarray) -> np.ndarray:
+    """Mean over classes of the per-class NaN-excluding mean over cases; samples (..., n_cases, n_classes)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', RuntimeWarning)
+        return np.nanmean(np.nanmean(samples, axis=-2), axis=-1)
+
+
+def _bootstrap_distribution(cases: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """The statistic on ``n_boot`` resamples (with replacement) of the rows of ``cases``; shape (n_boot,)."""
+    indices = rng.integers(0, len(cases), size=(n_boot, len(cases)))
+    return _statistic(cases[indices])
+
+
+def _interval(distribution: np.ndarray, alpha: float) -> tuple[float, float]:
+    low, high = np.nanpercentile(distribution, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return float(low), float(high)
+
+
+def bootstrap_ci(values, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> tuple[float, float, float]:
+    """Mean Dice with a percentile bootstrap confidence interval over cases.
+
+    In: ``values`` of shape (n_cases,) for one class, or (n_cases, n_classes) for the mean over classes of a target
+    domain (cases are resampled as whole rows, so classes of a case stay together). The statistic is the mean over
+    classes of each class's mean over cases, NaN entries excluded (cases that are NaN for every class are dropped).
+    Out: ``(mean, low, high)``, the (1 - alpha) interval from ``n_boot`` resamples drawn with ``seed``
+    (deterministic). One case gives ``(v, v, v)``; no usable case gives ``(nan, nan, nan)``.
+    """
+    cases = usable_cases(values)
+    if len(cases) == 0:
+        return float('nan'), float('nan'), float('nan')
+    distribution = _bootstrap_distribution(cases, n_boot, np.random.default_rng(seed))
+    return (float(_statistic(cases)), *_interval(distribution, alpha))
+
+
+def stratified_bootstrap_ci(groups: list, n_boot: int = 1000, alpha: float = 0.05,
+                            seed: int = 0) -> tuple[float, float, float]:
+    """Mean over groups (target domains) of :func:`bootstrap_ci`'s statistic, with a stratified bootstrap CI.
+
+    In: one array per group, each shaped as ``values`` of :func:`bootstrap_ci`. Cases are resampled within each
+    group, so every group keeps its weight. Out: ``(mean, low, high)``; NaN when a group has no usable case.
+    """
+    groups = [usable_cases(group) for group in groups]
+    if not groups or any(len(group) == 0 for group in groups):
+        return float('nan'), float('nan'), float('nan')
+    rng = np.random.default_rng(seed)
+    distribution = np.mean([_bootstrap_distribution(group, n_boot, rng) for group in groups], axis=0)
+    mean = float(np.mean([_statistic(group) for group in groups]))
+    return (mean, *_interval(distribution, alpha))

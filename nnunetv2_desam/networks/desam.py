@@ -1,0 +1,258 @@
+"""DeSAM: frozen SAM encoders + PRIM + PDMM, with nnU-Net's network contract.
+
+``forward(x)`` takes a z-scored patch B×C×H×W and returns logits B×K×H×W (a list [full, half]
+resolution with deep supervision on), so nnU-Net's trainer, sliding-window predictor and
+evaluation use it unchanged. Everything SAM needs happens inside:
+
+1. **Channels.** C input channels become SAM's three through a fixed mixing matrix: with C < 3
+   the channels repeat cyclically (1 channel → grey RGB); with C ≥ 3 SAM channel i is the mean of
+   the i-th of three contiguous channel groups. Fixed, so no gradient ever has to cross the
+   frozen encoder.
+2. **Intensities.** Per sample and channel, the 0.5–99.5 percentile range is mapped to 0–255
+   (what the authors do per volume) and SAM's pixel mean/std normalisation applied.
+3. **Size.** The patch is resized (bilinear) to the encoder's square input, e.g. 1024×1024; the
+   PDMM output (a quarter of that) is resized back to H×W.
+4. **Prompts.** Automatic: the whole-image box (``prompt_mode="box"``, DeSAM-B) or an N×N point
+   grid (``prompt_mode="points"``, DeSAM-P). Training passes explicit point prompts.
+
+**Combining grid prompts.** Each prompt i gives class probabilities p_i = softmax(z_i) and, with
+the IoU head, predicted IoUs s_ik for the foreground classes k. Foreground class k is the
+IoU-weighted mean Σ_i w_ik p_ik / Σ_i w_ik with w_ik = clamp(s_ik, 1e-3, 1); background uses the
+mean weight over classes. Without an IoU head every prompt weighs the same. The result is
+returned as log-probabilities, whose softmax is the combined segmentation.
+"""
+
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nnunetv2_desam.networks.pdmm import PDMM
+from nnunetv2_desam.networks.prim import PRIM
+from nnunetv2_desam.networks.prompts import grid_points
+from nnunetv2_desam.networks.sam_backbone import SAMBackbone
+from nnunetv2_desam.networks.sam_checkpoint import (
+    SAMCheckpointError,
+    SAMConfig,
+    build_image_encoder,
+    build_prompt_encoder,
+    load_sam_state_dict,
+    sam_fingerprint,
+    sub_state_dict,
+)
+
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+FROZEN_MODULES = ("image_encoder", "prompt_encoder")
+MIN_PROMPT_WEIGHT = 1e-3
+
+
+@dataclass(frozen=True)
+class DeSAMSettings:
+    """Which DeSAM: the prompt mode and the paper's Table 1 ablation switches."""
+
+    prompt_mode: str = "points"
+    use_prim: bool = True
+    use_iou_head: bool = True
+    fuse_mask_embedding: bool = True
+    grid_size: int = 9
+
+    def __post_init__(self):
+        if self.prompt_mode not in ("points", "box"):
+            raise ValueError(f"prompt_mode must be 'points' or 'box', got {self.prompt_mode!r}")
+        if self.prompt_mode == "box" and self.use_iou_head:
+            raise ValueError("box mode has a single prompt per image: it has no IoU head (use_iou_head=False)")
+        if not self.use_prim and (self.use_iou_head or self.fuse_mask_embedding):
+            raise ValueError("without PRIM there is neither an IoU head nor mask-embedding fusion")
+        if self.use_prim and not (self.use_iou_head or self.fuse_mask_embedding):
+            raise ValueError("PRIM without IoU head and without mask-embedding fusion would be unused")
+        if self.grid_size < 1:
+            raise ValueError(f"grid_size must be at least 1, got {self.grid_size}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def channel_mixing_matrix(num_input_channels: int) -> torch.Tensor:
+    """3×C matrix mapping C input channels to SAM's RGB (see the module docstring)."""
+    mixing = torch.zeros(3, num_input_channels)
+    if num_input_channels < 3:
+        for rgb in range(3):
+            mixing[rgb, rgb % num_input_channels] = 1.0
+    else:
+        for rgb, group in enumerate(np.array_split(np.arange(num_input_channels), 3)):
+            mixing[rgb, group] = 1.0 / len(group)
+    return mixing
+
+
+class DeSAM(nn.Module):
+    """The DeSAM network. Build it with :meth:`from_sam_checkpoint`.
+
+    Only PRIM and PDMM (``prim``, ``decoder``) train. The SAM encoders are frozen, stay in eval
+    mode and are left out of ``state_dict()``: trained checkpoints are slim and record the SAM
+    weights' fingerprint instead, which loading checks against the SAM file in use.
+    """
+
+    def __init__(
+        self,
+        sam_state_dict: Dict[str, torch.Tensor],
+        num_input_channels: int,
+        num_classes: int,
+        settings: DeSAMSettings = DeSAMSettings(),
+        prompt_shared_decoding: bool = True,
+    ):
+        super().__init__()
+        config = SAMConfig.from_state_dict(sam_state_dict)
+        self.settings = settings
+        self.sam_config = config
+        self.num_classes = num_classes
+        self.prompt_shared_decoding = prompt_shared_decoding
+        self.image_encoder = SAMBackbone(build_image_encoder(config), config.encoder_global_attn_indexes)
+        self.image_encoder.encoder.load_state_dict(sub_state_dict(sam_state_dict, "image_encoder."))
+        self.prompt_encoder = build_prompt_encoder(config)
+        self.prompt_encoder.load_state_dict(sub_state_dict(sam_state_dict, "prompt_encoder."))
+        for name in FROZEN_MODULES:
+            getattr(self, name).requires_grad_(False).eval()
+
+        self.prim: Optional[PRIM] = None
+        if settings.use_prim:
+            self.prim = PRIM(config, num_classes - 1 if settings.use_iou_head else 0)
+            self.prim.load_sam_mask_decoder(sam_state_dict)
+        self.decoder = PDMM(config.encoder_embed_dim, config.prompt_embed_dim, num_classes, settings.fuse_mask_embedding)
+
+        self.register_buffer("channel_mixing", channel_mixing_matrix(num_input_channels), persistent=False)
+        self.register_buffer("pixel_mean", torch.tensor(SAM_PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(SAM_PIXEL_STD).view(1, 3, 1, 1), persistent=False)
+        digest = bytes.fromhex(sam_fingerprint(sam_state_dict))
+        self.register_buffer("sam_fingerprint", torch.tensor(list(digest), dtype=torch.uint8))
+        self.register_state_dict_post_hook(_drop_frozen_weights)
+        self.register_load_state_dict_pre_hook(_check_and_complete_frozen_weights)
+
+    @classmethod
+    def from_sam_checkpoint(cls, path: str, num_input_channels: int, num_classes: int, **kwargs) -> "DeSAM":
+        """Build from an official-layout SAM file (ViT-B/L/H or smaller); the file decides the size."""
+        return cls(load_sam_state_dict(path), num_input_channels, num_classes, **kwargs)
+
+    @property
+    def fingerprint(self) -> str:
+        return bytes(self.sam_fingerprint.cpu().tolist()).hex()
+
+    def train(self, mode: bool = True) -> "DeSAM":
+        super().train(mode)
+        for name in FROZEN_MODULES:
+            getattr(self, name).eval()
+        return self
+
+    def to_sam_input(self, x: torch.Tensor) -> torch.Tensor:
+        """B×C×H×W z-scored patch → B×3×S×S SAM-normalised image."""
+        x = x.float()
+        flat = x.flatten(2)
+        low, high = torch.quantile(flat, torch.tensor([0.005, 0.995], device=x.device), dim=-1, keepdim=True)
+        scaled = 255.0 * ((flat - low) / (high - low).clamp_min(1e-6)).clamp(0.0, 1.0)
+        rgb = torch.einsum("rc,bcn->brn", self.channel_mixing, scaled).view(x.shape[0], 3, *x.shape[2:])
+        size = self.image_encoder.img_size
+        rgb = F.interpolate(rgb, size=(size, size), mode="bilinear", align_corners=False)
+        return (rgb - self.pixel_mean) / self.pixel_std
+
+    def encode_prompts(self, points: Optional[torch.Tensor], batch: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Points (B·P)×T×2 in encoder-input pixels, or None for the whole-image box → sparse, dense."""
+        size = self.image_encoder.img_size
+        if points is None:
+            box = torch.tensor([[0.0, 0.0, size, size]], device=device).expand(batch, 4)
+            return self.prompt_encoder(points=None, boxes=box, masks=None)
+        labels = torch.ones(points.shape[:2], dtype=torch.int64, device=device)
+        # SAM's prompt encoder adds half a pixel: our coordinates are continuous already.
+        return self.prompt_encoder(points=(points - 0.5, labels), boxes=None, masks=None)
+
+    def forward(
+        self, x: torch.Tensor, points: Optional[torch.Tensor] = None
+    ) -> Union[torch.Tensor, List[torch.Tensor], Tuple]:
+        """
+        Args:
+            x: B×C×H×W patch.
+            points: optional explicit point prompts B×P×2, (x, y) continuous pixel coordinates of
+                the patch, each point its own prompt (training passes P=1).
+        Returns:
+            without ``points``: logits B×K×H×W ([B×K×H×W, B×K×H/2×W/2] with deep supervision);
+            with ``points``: (those logits combined over the P prompts, IoU predictions B×P×(K-1)
+            or None without IoU head).
+        """
+        batch, _, height, width = x.shape
+        with torch.no_grad():
+            taps, embedding = self.image_encoder(self.to_sam_input(x))
+        iou = None
+        if self.prim is None:
+            logits = self.decoder(taps)
+            prompts_per_image = 1
+        else:
+            prompt_points = self._prompt_points(points, batch, height, width, x.device)
+            prompts_per_image = 1 if prompt_points is None else prompt_points.shape[0] // batch
+            with torch.no_grad():
+                sparse, dense = self.encode_prompts(prompt_points, batch * prompts_per_image, x.device)
+            mask_embedding, iou = self.prim(embedding, self.prompt_encoder.get_dense_pe(), sparse, dense)
+            logits = self._decode(taps, mask_embedding, prompts_per_image)
+            if iou is not None:
+                iou = iou.view(batch, prompts_per_image, -1)
+        outputs = [self._combine(o, iou, prompts_per_image) for o in _as_list(logits)]
+        sizes = [(height, width), (round(height / 2), round(width / 2))]
+        outputs = [F.interpolate(o, size=s, mode="bilinear", align_corners=False) for o, s in zip(outputs, sizes)]
+        result = outputs if self.decoder.deep_supervision else outputs[0]
+        return result if points is None else (result, iou)
+
+    def _prompt_points(self, points, batch, height, width, device) -> Optional[torch.Tensor]:
+        """Prompts in encoder-input pixels, (B·P)×1×2; None means the whole-image box."""
+        size = self.image_encoder.img_size
+        if points is None:
+            if self.settings.prompt_mode == "box":
+                return None
+            points = grid_points(self.settings.grid_size, (height, width)).to(device).expand(batch, -1, -1)
+        scale = torch.tensor([size / width, size / height], device=device)
+        return (points.float() * scale).reshape(-1, 1, 2)
+
+    def _decode(self, taps, mask_embedding, prompts_per_image):
+        """PDMM per prompt; image-only work is shared across prompts unless asked not to."""
+        if self.prompt_shared_decoding:
+            return self.decoder.decode(self.decoder.encode_taps(taps), mask_embedding, prompts_per_image)
+        repeated_taps = [t.repeat_interleave(prompts_per_image, dim=0) for t in taps]
+        return self.decoder(repeated_taps, mask_embedding)
+
+    def _combine(self, logits: torch.Tensor, iou: Optional[torch.Tensor], prompts_per_image: int) -> torch.Tensor:
+        """(B·P)×K×h×w per-prompt logits → B×K×h×w (log-probabilities when P > 1)."""
+        if prompts_per_image == 1:
+            return logits
+        probabilities = logits.float().softmax(1).unflatten(0, (-1, prompts_per_image))  # B×P×K×h×w
+        if iou is None:
+            return probabilities.mean(1).clamp_min(1e-8).log()
+        foreground = iou.float().clamp(MIN_PROMPT_WEIGHT, 1.0)  # B×P×(K-1)
+        weights = torch.cat([foreground.mean(-1, keepdim=True), foreground], dim=-1)[..., None, None]
+        combined = (weights * probabilities).sum(1) / weights.sum(1)
+        return combined.clamp_min(1e-8).log()
+
+
+def _as_list(outputs) -> List[torch.Tensor]:
+    return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+
+
+def _drop_frozen_weights(module, state_dict, prefix, local_metadata) -> None:
+    """state_dict post-hook: the frozen SAM weights live in the SAM file, not in our checkpoints."""
+    for key in [k for k in state_dict if k.startswith(tuple(f"{prefix}{m}." for m in FROZEN_MODULES))]:
+        del state_dict[key]
+
+
+def _check_and_complete_frozen_weights(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+    """load_state_dict pre-hook: refuse weights trained on other SAM weights; keep our frozen ones."""
+    key = prefix + "sam_fingerprint"
+    if key in state_dict:
+        saved = bytes(state_dict[key].cpu().tolist()).hex()
+        if saved != module.fingerprint:
+            raise SAMCheckpointError(
+                f"these DeSAM weights were trained with SAM weights of fingerprint {saved[:16]}…, but the SAM "
+                f"checkpoint in use has fingerprint {module.fingerprint[:16]}…: point DESAM_SAM_CHECKPOINT at "
+                f"the SAM file used for training"
+            )
+    for child in FROZEN_MODULES:
+        for name, tensor in getattr(module, child).state_dict(prefix=f"{prefix}{child}.", keep_vars=True).items():
+            state_dict.setdefault(name, tensor.detach())

@@ -1,0 +1,81 @@
+"""PDMM, the prompt-decoupled mask module: a small U-Net decoder over the encoder taps."""
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from dynamic_network_architectures.building_blocks.residual import BasicBlockD
+from torch import nn
+
+
+def se_residual_block(in_channels: int, out_channels: int) -> BasicBlockD:
+    """conv3×3-IN-LReLU-conv3×3-IN-SE(1/16) + residual (1×1 conv + IN when widths differ), LReLU."""
+    return BasicBlockD(
+        nn.Conv2d, in_channels, out_channels, kernel_size=3, stride=1, conv_bias=True,
+        norm_op=nn.InstanceNorm2d, norm_op_kwargs={"eps": 1e-5, "affine": True},
+        nonlin=nn.LeakyReLU, nonlin_kwargs={"negative_slope": 1e-2, "inplace": True},
+        squeeze_excitation=True, squeeze_excitation_reduction_ratio=1.0 / 16,
+    )
+
+
+def up_step(channels: int) -> nn.Sequential:
+    """2×2 stride-2 transposed convolution followed by an SE residual block: doubles H and W."""
+    return nn.Sequential(nn.ConvTranspose2d(channels, channels, 2, stride=2), se_residual_block(channels, channels))
+
+
+class PDMM(nn.Module):
+    """Multi-scale taps (+ PRIM's mask embedding) → segmentation logits.
+
+    Widths follow the prompt embedding D (256 for official SAM): the deepest tap becomes D
+    channels at G×G, the middle one D/2 at 2G, the shallowest D/4 at 4G. The decoder goes
+    G → 2G → 4G with skip fusion; the 4G head is the output (a quarter of the encoder input), the
+    2G head the deep-supervision output.
+
+    The work splits in two so that grid prompts can share it: :meth:`encode_taps` depends only on
+    the image, :meth:`decode` on the prompt's mask embedding.
+    """
+
+    def __init__(self, encoder_dim: int, width: int, num_classes: int, fuse_mask_embedding: bool):
+        super().__init__()
+        self.deep_supervision = False
+        self.fuse_mask_embedding = fuse_mask_embedding
+        half, quarter = width // 2, width // 4
+        self.deep_branch = se_residual_block(encoder_dim, width)
+        self.middle_branch = nn.Sequential(se_residual_block(encoder_dim, half), up_step(half))
+        self.shallow_branch = nn.Sequential(se_residual_block(encoder_dim, quarter), up_step(quarter), up_step(quarter))
+        self.mask_embedding_fusion = se_residual_block(2 * width, width) if fuse_mask_embedding else None
+        self.up_middle = nn.ConvTranspose2d(width, half, 2, stride=2)
+        self.decode_middle = se_residual_block(width, half)
+        self.head_middle = nn.Conv2d(half, num_classes, 1)
+        self.up_shallow = nn.ConvTranspose2d(half, quarter, 2, stride=2)
+        self.decode_shallow = se_residual_block(half, quarter)
+        self.head = nn.Conv2d(quarter, num_classes, 1)
+
+    def encode_taps(self, taps: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Taps (shallow, middle, deep), each B×C_enc×G×G → (B×D/4×4G×4G, B×D/2×2G×2G, B×D×G×G)."""
+        shallow, middle, deep = taps
+        return self.shallow_branch(shallow), self.middle_branch(middle), self.deep_branch(deep)
+
+    def decode(
+        self,
+        features: Tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        mask_embedding: Optional[torch.Tensor],
+        prompts_per_image: int = 1,
+    ) -> Union[torch.Tensor, List[torch.Tensor]]:
+        """Image features of B images and (B·P)×D×G×G mask embeddings → (B·P)×K×4G×4G logits.
+
+        With deep supervision on, returns [4G output, 2G output].
+        """
+        shallow, middle, deep = (f.repeat_interleave(prompts_per_image, dim=0) for f in features)
+        if self.mask_embedding_fusion is not None:
+            deep = self.mask_embedding_fusion(torch.cat([deep, mask_embedding], dim=1))
+        x = self.decode_middle(torch.cat([self.up_middle(deep), middle], dim=1))
+        middle_logits = self.head_middle(x) if self.deep_supervision else None
+        x = self.decode_shallow(torch.cat([self.up_shallow(x), shallow], dim=1))
+        logits = self.head(x)
+        return [logits, middle_logits] if self.deep_supervision else logits
+
+    def forward(
+        self, taps: Sequence[torch.Tensor], mask_embedding: Optional[torch.Tensor] = None
+    ) -> Union[torch.Tensor, List[torch.Tensor]]:
+        """One prompt (or none) per image: taps of B images, mask embedding B×D×G×G."""
+        return self.decode(self.encode_taps(taps), mask_embedding)

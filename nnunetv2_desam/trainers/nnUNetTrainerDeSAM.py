@@ -1,0 +1,182 @@
+"""nnU-Net trainers for DeSAM (grid points, whole box) and the paper's Table 1 ablations.
+
+nnU-Net imports this file as a top-level module from the folder named in ``nnUNet_extTrainer``
+(``nnUNetv2_desam_trainer_path`` prints it), so everything else is imported absolutely.
+"""
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import autocast
+
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.helpers import dummy_context
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+
+from nnunetv2_desam.networks.desam import DeSAM, DeSAMSettings
+from nnunetv2_desam.networks.prompts import sample_training_points
+from nnunetv2_desam.networks.sam_checkpoint import SAMCheckpointError
+from nnunetv2_desam.registration import DeSAMUsageError, grid_size_from_environment, sam_checkpoint_path
+
+BUDGET_VARIABLES = {
+    "num_epochs": "DESAM_EPOCHS",
+    "num_iterations_per_epoch": "DESAM_ITERATIONS_PER_EPOCH",
+    "num_val_iterations_per_epoch": "DESAM_VAL_ITERATIONS_PER_EPOCH",
+}
+
+
+def apply_budget_from_environment(trainer: nnUNetTrainer) -> None:
+    """Shorten (or lengthen) a training with DESAM_EPOCHS / _ITERATIONS_PER_EPOCH / _VAL_ITERATIONS_PER_EPOCH."""
+    for attribute, variable in BUDGET_VARIABLES.items():
+        value = os.environ.get(variable, "")
+        if value:
+            if not value.isdigit() or int(value) < 1:
+                raise DeSAMUsageError(f"{variable} must be a positive integer, got {value!r}")
+            setattr(trainer, attribute, int(value))
+
+
+class nnUNetTrainerBudget(nnUNetTrainer):
+    """The stock nnU-Net trainer, with the DESAM_* budget variables honoured (the fair baseline for short runs)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict, device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        apply_budget_from_environment(self)
+
+
+class nnUNetTrainerDeSAM(nnUNetTrainer):
+    """DeSAM-P: random point prompts in training, a 9×9 grid at inference; Dice + CE + 10·MSE(IoU).
+
+    Paper settings: Adam, lr 1e-4, batch 8, poly decay, only PRIM/PDMM in the optimizer. Budget:
+    50 epochs × 100 iterations = 5,000 iterations at batch 8, about 1.3× the paper's ~3.8 k; the
+    paper trains on fixed precomputed slices, here every sample is freshly augmented by nnU-Net.
+    """
+
+    desam_settings = DeSAMSettings(prompt_mode="points")
+    iou_loss_weight = 10.0
+    deep_supervision_weights = (2.0 / 3.0, 1.0 / 3.0)
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict, device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        if len(self.configuration_manager.patch_size) != 2:
+            raise DeSAMUsageError(f"DeSAM is a 2D method, use -c 2d (got configuration '{configuration}')")
+        if self.label_manager.has_regions:
+            raise DeSAMUsageError("region-based datasets are not supported by DeSAM's softmax PDMM; use plain labels")
+        self.initial_lr = 1e-4
+        self.weight_decay = 0.0
+        self.num_epochs = 50
+        self.num_iterations_per_epoch = 100
+        self.configuration_manager.configuration["batch_size"] = 8
+        apply_budget_from_environment(self)
+        self.prompt_generator = torch.Generator().manual_seed(fold)
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels, num_output_channels, enable_deep_supervision: bool = True) -> DeSAM:
+        """The SAM file comes from DESAM_SAM_CHECKPOINT (called by the trainer and by nnUNetv2_predict)."""
+        if len(configuration_manager.patch_size) != 2:
+            raise DeSAMUsageError("DeSAM is a 2D method, use -c 2d")
+        settings = DeSAMSettings(**{**cls.desam_settings.to_dict(), "grid_size": grid_size_from_environment(cls.desam_settings.grid_size)})
+        try:
+            network = DeSAM.from_sam_checkpoint(sam_checkpoint_path(), num_input_channels, num_output_channels, settings=settings)
+        except SAMCheckpointError as error:
+            raise DeSAMUsageError(str(error)) from None
+        network.decoder.deep_supervision = enable_deep_supervision
+        return network
+
+    def _get_deep_supervision_scales(self):
+        """PDMM's two outputs: the patch size and half of it."""
+        return [[1.0, 1.0], [0.5, 0.5]] if self.enable_deep_supervision else None
+
+    def _build_loss(self):
+        """nnU-Net's Dice + CE; both PDMM heads weighted (nnU-Net would zero the lowest resolution)."""
+        loss = super()._build_loss()
+        if self.enable_deep_supervision:
+            loss.weight_factors = self.deep_supervision_weights
+        return loss
+
+    def configure_optimizers(self):
+        trainable = [p for p in self.network.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(trainable, lr=self.initial_lr, weight_decay=self.weight_decay)
+        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        """Mirroring stays a training augmentation; test-time mirroring is off (4× the inference cost)."""
+        configuration = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        self.inference_allowed_mirroring_axes = None
+        return configuration
+
+    def train_step(self, batch: dict) -> dict:
+        target = batch["target"]
+        full_target = target[0] if isinstance(target, list) else target
+        points, iou_target = sample_training_points(
+            full_target, self.label_manager.num_segmentation_heads - 1, self.prompt_generator, self.label_manager.ignore_label
+        )
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) else target.to(self.device, non_blocking=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            output, iou = self.network(data, points=points.to(self.device))
+            loss = self.loss(output, target)
+            if iou is not None:
+                loss = loss + self.iou_loss_weight * F.mse_loss(iou[:, 0].float(), iou_target.to(self.device))
+        self._backward_and_step(loss)
+        return {"loss": loss.detach().cpu().numpy()}
+
+    def _backward_and_step(self, loss: torch.Tensor) -> None:
+        """nnU-Net's update: (scaled) backward, clip the gradient norm at 12, step."""
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.optimizer.step()
+
+    def save_checkpoint(self, filename: str) -> None:
+        """As nnU-Net's, but checkpoint_final.pth keeps no optimizer state: a deployable, slim file."""
+        super().save_checkpoint(filename)
+        if os.path.basename(filename) == "checkpoint_final.pth" and self.local_rank == 0 and not self.disable_checkpointing:
+            checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
+            checkpoint["optimizer_state"] = checkpoint["grad_scaler_state"] = None
+            torch.save(checkpoint, filename)
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        """Accepts the slim final checkpoint too (``--c`` after training ends, ``--val``)."""
+        if not self.was_initialized:
+            self.initialize()
+        checkpoint = filename_or_checkpoint
+        if isinstance(checkpoint, str):
+            checkpoint = torch.load(checkpoint, map_location=self.device, weights_only=False)
+        if checkpoint["optimizer_state"] is None:
+            checkpoint["optimizer_state"] = self.optimizer.state_dict()
+        super().load_checkpoint(checkpoint)
+
+
+class nnUNetTrainerDeSAM_Box(nnUNetTrainerDeSAM):
+    """DeSAM-B: the whole image as the box prompt, in training and inference; Dice + CE."""
+
+    desam_settings = DeSAMSettings(prompt_mode="box", use_iou_head=False)
+
+    def train_step(self, batch: dict) -> dict:
+        return nnUNetTrainer.train_step(self, batch)
+
+
+class nnUNetTrainerDeSAM_PDMMOnly(nnUNetTrainerDeSAM_Box):
+    """Table 1, setting 1: PDMM on the encoder taps alone, no PRIM (no prompts at all)."""
+
+    desam_settings = DeSAMSettings(prompt_mode="points", use_prim=False, use_iou_head=False, fuse_mask_embedding=False)
+
+
+class nnUNetTrainerDeSAM_NoIoUHead(nnUNetTrainerDeSAM):
+    """Table 1, setting 2: PRIM + PDMM with mask-embedding fusion, without the IoU head (grid prompts averaged)."""
+
+    desam_settings = DeSAMSettings(prompt_mode="points", use_iou_head=False)
+
+
+class nnUNetTrainerDeSAM_NoMEF(nnUNetTrainerDeSAM):
+    """Table 1, setting 3: PRIM + PDMM with the IoU head, without mask-embedding fusion."""
+
+    desam_settings = DeSAMSettings(prompt_mode="points", fuse_mask_embedding=False)

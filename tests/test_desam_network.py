@@ -1,0 +1,230 @@
+"""The DeSAM module: equality with segment_anything's own modules, shapes, freezing, ablations."""
+
+import pytest
+import torch
+
+from nnunetv2_desam.networks.desam import DeSAM, DeSAMSettings, channel_mixing_matrix
+from nnunetv2_desam.networks.pdmm import PDMM
+from nnunetv2_desam.networks.sam_checkpoint import SAMCheckpointError, SAMConfig, build_sam, load_sam_state_dict
+
+FULL = DeSAMSettings()
+BOX = DeSAMSettings(prompt_mode="box", use_iou_head=False)
+PDMM_ONLY = DeSAMSettings(use_prim=False, use_iou_head=False, fuse_mask_embedding=False)
+NO_IOU_HEAD = DeSAMSettings(use_iou_head=False)
+NO_MEF = DeSAMSettings(fuse_mask_embedding=False)
+ALL_SETTINGS = [FULL, BOX, PDMM_ONLY, NO_IOU_HEAD, NO_MEF]
+
+
+@pytest.fixture(scope="module")
+def sam_state_dict(tiny_sam_checkpoint):
+    return load_sam_state_dict(tiny_sam_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def reference_sam(sam_state_dict):
+    sam = build_sam(SAMConfig.from_state_dict(sam_state_dict))
+    sam.load_state_dict(sam_state_dict)
+    return sam.eval()
+
+
+def make_desam(sam_state_dict, channels=1, classes=3, settings=FULL, **kwargs) -> DeSAM:
+    torch.manual_seed(0)
+    return DeSAM(sam_state_dict, channels, classes, settings, **kwargs)
+
+
+def test_encoder_taps_match_a_hand_written_pass_through_segment_anything_blocks(sam_state_dict, reference_sam):
+    network = make_desam(sam_state_dict).eval()
+    images = torch.randn(2, 3, 128, 128)
+    encoder = reference_sam.image_encoder
+    with torch.no_grad():
+        x = encoder.patch_embed(images) + encoder.pos_embed
+        expected_taps = []
+        for index, block in enumerate(encoder.blocks):
+            x = block(x)
+            if index in (1, 3, 5):
+                expected_taps.append(x.permute(0, 3, 1, 2))
+        expected_neck = encoder.neck(x.permute(0, 3, 1, 2))
+        assert torch.allclose(expected_neck, encoder(images), atol=1e-6)
+        taps, neck = network.image_encoder(images)
+    assert len(taps) == 3
+    for tap, expected in zip(taps, expected_taps):
+        assert tap.shape == (2, 32, 8, 8)
+        assert (tap - expected).abs().max() < 1e-5
+    assert (neck - expected_neck).abs().max() < 1e-5
+
+
+def test_prim_matches_what_sam_mask_decoder_computes_internally(sam_state_dict, reference_sam):
+    network = make_desam(sam_state_dict, classes=4).eval()
+    embedding = torch.randn(1, 32, 8, 8)
+    points = torch.tensor([[[30.0, 40.0]], [[100.0, 12.0]], [[64.0, 64.0]]])
+    labels = torch.ones(3, 1, dtype=torch.int64)
+    captured = {}
+    hook = reference_sam.mask_decoder.transformer.register_forward_hook(lambda m, i, o: captured.update(keys=o[1]))
+    with torch.no_grad():
+        sparse, dense = reference_sam.prompt_encoder(points=(points, labels), boxes=None, masks=None)
+        _, sam_iou = reference_sam.mask_decoder.predict_masks(
+            embedding, reference_sam.prompt_encoder.get_dense_pe(), sparse, dense
+        )
+        mask_embedding, iou = network.prim(embedding, network.prompt_encoder.get_dense_pe(), sparse, dense)
+    hook.remove()
+    sam_mask_embedding = captured["keys"].transpose(1, 2).reshape(3, 32, 8, 8)
+    assert (mask_embedding - sam_mask_embedding).abs().max() < 1e-5
+    assert iou.shape == (3, 3)  # one IoU per foreground class, each starting as SAM's first output
+    for k in range(3):
+        assert (iou[:, k] - sam_iou[:, 0]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("channels, classes", [(1, 2), (3, 5), (2, 2), (4, 3)])
+@pytest.mark.parametrize("settings", ALL_SETTINGS, ids=lambda s: f"{s.prompt_mode}-prim{s.use_prim}-iou{s.use_iou_head}-mef{s.fuse_mask_embedding}")
+def test_output_shapes_for_odd_patch_sizes(sam_state_dict, settings, channels, classes):
+    network = make_desam(sam_state_dict, channels, classes, DeSAMSettings(**{**settings.to_dict(), "grid_size": 3})).eval()
+    x = torch.randn(2, channels, 192, 160)
+    with torch.no_grad():
+        assert network(x).shape == (2, classes, 192, 160)
+        network.decoder.deep_supervision = True
+        full, half = network(x)
+        logits, iou = network(x, points=torch.tensor([[[5.0, 7.0]], [[150.0, 180.0]]]))
+    assert full.shape == (2, classes, 192, 160) and half.shape == (2, classes, 96, 80)
+    assert [o.shape for o in logits] == [full.shape, half.shape]
+    has_iou = settings.use_prim and settings.use_iou_head
+    assert (iou.shape == (2, 1, classes - 1)) if has_iou else iou is None
+
+
+def test_grid_mode_runs_one_prompt_per_grid_point(sam_state_dict):
+    network = make_desam(sam_state_dict, settings=DeSAMSettings(grid_size=4)).eval()
+    calls = []
+    network.prim.register_forward_hook(lambda m, i, o: calls.append(i[2].shape[0]))
+    with torch.no_grad():
+        network(torch.randn(2, 1, 64, 64))
+    assert calls == [2 * 16]
+
+
+def test_frozen_parts_get_no_gradient_and_one_step_changes_only_prim_and_pdmm(sam_state_dict):
+    network = make_desam(sam_state_dict).train()
+    assert not network.image_encoder.training and not network.prompt_encoder.training
+    frozen = {n: p.detach().clone() for n, p in network.named_parameters() if n.startswith(("image_encoder", "prompt_encoder"))}
+    assert frozen and not any(p.requires_grad for n, p in network.named_parameters() if n in frozen)
+    trainable = {n: p.detach().clone() for n, p in network.named_parameters() if p.requires_grad}
+    assert all(n.startswith(("prim.", "decoder.")) for n in trainable)
+    optimizer = torch.optim.Adam([p for p in network.parameters() if p.requires_grad], lr=1e-3)
+    network.decoder.deep_supervision = True
+    (full, half), iou = network(torch.randn(2, 1, 64, 64), points=torch.tensor([[[3.0, 3.0]], [[40.0, 20.0]]]))
+    (full.mean() + half.mean() + iou.mean()).backward()
+    assert all(p.grad is None for n, p in network.named_parameters() if n in frozen)
+    optimizer.step()
+    after = dict(network.named_parameters())
+    assert all(torch.equal(after[n], value) for n, value in frozen.items())
+    changed = [n for n, value in trainable.items() if not torch.equal(after[n], value)]
+    assert len(changed) == len(trainable)
+
+
+@pytest.mark.parametrize("settings", ALL_SETTINGS, ids=lambda s: f"{s.prompt_mode}-prim{s.use_prim}-iou{s.use_iou_head}-mef{s.fuse_mask_embedding}")
+def test_every_trainable_parameter_is_used_in_training(sam_state_dict, settings):
+    """DDP without find_unused_parameters needs a gradient for every trainable parameter."""
+    network = make_desam(sam_state_dict, settings=settings).train()
+    network.decoder.deep_supervision = True
+    x = torch.randn(2, 1, 64, 64)
+    if settings.prompt_mode == "points" and settings.use_prim:
+        outputs, iou = network(x, points=torch.tensor([[[3.0, 3.0]], [[40.0, 20.0]]]))
+    else:
+        outputs, iou = network(x), None
+    loss = sum(o.mean() for o in outputs) + (iou.mean() if iou is not None else 0)
+    loss.backward()
+    unused = [n for n, p in network.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum())]
+    assert unused == []
+
+
+def count_trainable(network) -> int:
+    return sum(p.numel() for p in network.parameters() if p.requires_grad)
+
+
+def test_ablation_switches_remove_what_they_should(sam_state_dict):
+    networks = {s: make_desam(sam_state_dict, settings=s) for s in ALL_SETTINGS}
+    full = networks[FULL]
+    iou_head = sum(p.numel() for p in full.prim.iou_prediction_head.parameters())
+    final_attention = sum(
+        p.numel() for m in (full.prim.transformer.final_attn_token_to_image, full.prim.transformer.norm_final_attn) for p in m.parameters()
+    )
+    fusion = sum(p.numel() for p in full.decoder.mask_embedding_fusion.parameters())
+    prim = sum(p.numel() for p in full.prim.parameters())
+    assert count_trainable(networks[NO_IOU_HEAD]) == count_trainable(full) - iou_head - final_attention
+    assert count_trainable(networks[NO_MEF]) == count_trainable(full) - fusion
+    assert count_trainable(networks[PDMM_ONLY]) == count_trainable(full) - prim - fusion
+    assert count_trainable(networks[BOX]) == count_trainable(networks[NO_IOU_HEAD])
+    assert networks[PDMM_ONLY].prim is None and networks[NO_MEF].decoder.mask_embedding_fusion is None
+
+
+def test_pdmm_size_matches_the_reference_for_vit_h():
+    parameters = sum(p.numel() for p in PDMM(encoder_dim=1280, width=256, num_classes=1, fuse_mask_embedding=True).parameters())
+    assert abs(parameters - 9.757e6) / 9.757e6 < 0.02
+
+
+@pytest.mark.parametrize("settings", [FULL, NO_IOU_HEAD, NO_MEF], ids=["full", "no-iou-head", "no-mef"])
+def test_prompt_shared_decoding_equals_decoding_every_prompt_independently(sam_state_dict, settings):
+    shared = make_desam(sam_state_dict, settings=DeSAMSettings(**{**settings.to_dict(), "grid_size": 5})).eval()
+    reference = make_desam(sam_state_dict, settings=shared.settings, prompt_shared_decoding=False).eval()
+    reference.load_state_dict(shared.state_dict())
+    x = torch.randn(2, 1, 96, 80)
+    with torch.no_grad():
+        fast, slow = shared(x), reference(x)
+    assert (fast - slow).abs().max() < 1e-4
+    assert torch.equal(fast.argmax(1), slow.argmax(1))
+
+
+def test_grid_prompts_are_combined_by_predicted_iou(sam_state_dict):
+    network = make_desam(sam_state_dict, classes=3)
+    logits = torch.zeros(2, 3, 1, 1)  # one image, two prompts, three classes
+    logits[0, 1] = 10.0  # prompt 0 says class 1
+    logits[1, 2] = 10.0  # prompt 1 says class 2
+    iou = torch.tensor([[[0.9, 0.1], [0.3, 0.6]]])  # per prompt: IoU for class 1, class 2
+    combined = network._combine(logits, iou, prompts_per_image=2).exp()[0, :, 0, 0]
+    p0, p1 = logits[0, :, 0, 0].softmax(0), logits[1, :, 0, 0].softmax(0)
+    w = torch.tensor([[0.5, 0.9, 0.1], [0.45, 0.3, 0.6]])
+    expected = (w[0] * p0 + w[1] * p1) / w.sum(0)
+    assert torch.allclose(combined, expected, atol=1e-6)
+    assert torch.allclose(network._combine(logits, None, 2).exp()[0, :, 0, 0], (p0 + p1) / 2, atol=1e-6)
+
+
+def test_channel_mixing_maps_any_channel_count_to_rgb():
+    assert torch.equal(channel_mixing_matrix(1), torch.ones(3, 1))
+    assert torch.equal(channel_mixing_matrix(2), torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]))
+    assert torch.equal(channel_mixing_matrix(3), torch.eye(3))
+    five = channel_mixing_matrix(5)
+    assert torch.allclose(five.sum(1), torch.ones(3)) and torch.equal(five > 0, torch.tensor([[1, 1, 0, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 0, 1]]).bool())
+
+
+def test_sam_input_is_sam_normalised_and_invariant_to_intensity_scaling(sam_state_dict):
+    network = make_desam(sam_state_dict)
+    x = torch.randn(2, 1, 40, 30)
+    images = network.to_sam_input(x)
+    assert images.shape == (2, 3, 128, 128)
+    pixels = images * network.pixel_std + network.pixel_mean
+    assert pixels.min() >= -1e-3 and pixels.max() <= 255 + 1e-3
+    assert torch.allclose(network.to_sam_input(5 * x + 3), images, atol=1e-4)
+
+
+def test_checkpoints_hold_no_sam_weights_and_reload(sam_state_dict):
+    network = make_desam(sam_state_dict)
+    state = network.state_dict()
+    assert not any(k.startswith(("image_encoder.", "prompt_encoder.")) for k in state)
+    assert "sam_fingerprint" in state
+    fresh = make_desam(sam_state_dict)
+    fresh.load_state_dict(state)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in state.items())
+    wrapped = torch.nn.Sequential(fresh)  # loading from a parent module (e.g. torch.compile's wrapper)
+    wrapped.load_state_dict({f"0.{k}": v for k, v in state.items()})
+
+
+def test_weights_trained_on_another_sam_are_refused(sam_state_dict, other_tiny_sam_checkpoint):
+    state = make_desam(sam_state_dict).state_dict()
+    other = DeSAM.from_sam_checkpoint(other_tiny_sam_checkpoint, 1, 3)
+    with pytest.raises(SAMCheckpointError, match="trained with SAM weights of fingerprint"):
+        other.load_state_dict(state)
+
+
+def test_incomplete_trained_weights_are_still_refused(sam_state_dict):
+    network = make_desam(sam_state_dict)
+    state = network.state_dict()
+    del state["decoder.head.weight"]
+    with pytest.raises(RuntimeError, match="decoder.head.weight"):
+        network.load_state_dict(state)

@@ -171,6 +171,16 @@ def test_prompt_shared_decoding_equals_decoding_every_prompt_independently(sam_s
     assert torch.equal(fast.argmax(1), slow.argmax(1))
 
 
+def test_fused_encoder_attention_equals_segment_anything_attention(sam_state_dict):
+    fused = make_desam(sam_state_dict, settings=DeSAMSettings(grid_size=3)).eval()
+    reference = make_desam(sam_state_dict, settings=fused.settings, fused_attention=False).eval()
+    reference.load_state_dict(fused.state_dict())
+    assert type(fused.image_encoder.encoder.blocks[0].attn) is not type(reference.image_encoder.encoder.blocks[0].attn)
+    x = torch.randn(2, 1, 80, 96)
+    with torch.no_grad():
+        assert (fused(x) - reference(x)).abs().max() < 1e-4
+
+
 def test_grid_prompts_are_combined_by_predicted_iou(sam_state_dict):
     network = make_desam(sam_state_dict, classes=3)
     logits = torch.zeros(2, 3, 1, 1)  # one image, two prompts, three classes

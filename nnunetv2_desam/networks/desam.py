@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnunetv2_desam.networks.fast_attention import fuse_encoder_attention
 from nnunetv2_desam.networks.pdmm import PDMM
 from nnunetv2_desam.networks.prim import PRIM
 from nnunetv2_desam.networks.prompts import grid_points
@@ -94,6 +95,11 @@ class DeSAM(nn.Module):
     Only PRIM and PDMM (``prim``, ``decoder``) train. The SAM encoders are frozen, stay in eval
     mode and are left out of ``state_dict()``: trained checkpoints are slim and record the SAM
     weights' fingerprint instead, which loading checks against the SAM file in use.
+
+    The two speed-ups keep their plain versions as test oracles and benchmark baselines:
+    ``fused_attention`` (SDPA with the relative-position bias folded in, see ``fast_attention``;
+    off = segment_anything's own attention) and ``prompt_shared_decoding`` (PDMM's image-only
+    branches run once per image, not once per grid prompt).
     """
 
     def __init__(
@@ -103,6 +109,7 @@ class DeSAM(nn.Module):
         num_classes: int,
         settings: DeSAMSettings = DeSAMSettings(),
         prompt_shared_decoding: bool = True,
+        fused_attention: bool = True,
     ):
         super().__init__()
         config = SAMConfig.from_state_dict(sam_state_dict)
@@ -112,6 +119,8 @@ class DeSAM(nn.Module):
         self.prompt_shared_decoding = prompt_shared_decoding
         self.image_encoder = SAMBackbone(build_image_encoder(config), config.encoder_global_attn_indexes)
         self.image_encoder.encoder.load_state_dict(sub_state_dict(sam_state_dict, "image_encoder."))
+        if fused_attention:
+            fuse_encoder_attention(self.image_encoder.encoder)
         self.prompt_encoder = build_prompt_encoder(config)
         self.prompt_encoder.load_state_dict(sub_state_dict(sam_state_dict, "prompt_encoder."))
         for name in FROZEN_MODULES:

@@ -5,6 +5,7 @@ nnU-Net imports this file as a top-level module from the folder named in ``nnUNe
 """
 
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,17 @@ from nnunetv2_desam.networks.desam import DeSAM, DeSAMSettings
 from nnunetv2_desam.networks.prompts import sample_training_points
 from nnunetv2_desam.networks.sam_checkpoint import SAMCheckpointError
 from nnunetv2_desam.registration import DeSAMUsageError, grid_size_from_environment, sam_checkpoint_path
+
+
+def _report_sam_checkpoint_errors_in_one_line(exc_type, exc, tb, previous_hook=sys.excepthook):
+    """nnUNetv2_predict loads our weights itself: show a SAM mismatch as one line, not a traceback."""
+    if issubclass(exc_type, SAMCheckpointError):
+        print(f"nnunetv2-desam: {exc}", file=sys.stderr)
+    else:
+        previous_hook(exc_type, exc, tb)
+
+
+sys.excepthook = _report_sam_checkpoint_errors_in_one_line
 
 BUDGET_VARIABLES = {
     "num_epochs": "DESAM_EPOCHS",
@@ -136,23 +148,15 @@ class nnUNetTrainerDeSAM(nnUNetTrainer):
             self.optimizer.step()
 
     def save_checkpoint(self, filename: str) -> None:
-        """As nnU-Net's, but checkpoint_final.pth keeps no optimizer state: a deployable, slim file."""
+        """As nnU-Net's, but checkpoint_final.pth drops Adam's moments (2× the weights): a slim, deployable file.
+
+        The optimizer's parameter groups stay, so ``--c`` after the end of training still loads it.
+        """
         super().save_checkpoint(filename)
         if os.path.basename(filename) == "checkpoint_final.pth" and self.local_rank == 0 and not self.disable_checkpointing:
             checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
-            checkpoint["optimizer_state"] = checkpoint["grad_scaler_state"] = None
+            checkpoint["optimizer_state"]["state"] = {}
             torch.save(checkpoint, filename)
-
-    def load_checkpoint(self, filename_or_checkpoint) -> None:
-        """Accepts the slim final checkpoint too (``--c`` after training ends, ``--val``)."""
-        if not self.was_initialized:
-            self.initialize()
-        checkpoint = filename_or_checkpoint
-        if isinstance(checkpoint, str):
-            checkpoint = torch.load(checkpoint, map_location=self.device, weights_only=False)
-        if checkpoint["optimizer_state"] is None:
-            checkpoint["optimizer_state"] = self.optimizer.state_dict()
-        super().load_checkpoint(checkpoint)
 
 
 class nnUNetTrainerDeSAM_Box(nnUNetTrainerDeSAM):

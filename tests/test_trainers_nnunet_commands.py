@@ -1,0 +1,159 @@
+"""The DeSAM trainers driven through the real nnUNetv2_* console commands, on a small generated dataset."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from nnunetv2_desam.experiments.splits import write_source_split
+from nnunetv2_desam.networks.sam_checkpoint import load_sam_state_dict, sam_fingerprint
+from nnunetv2_desam.experiments.synthetic import DEFAULT_DOMAINS, write_synthetic_dataset
+from nnunetv2_desam.registration import environment_with_trainers
+
+SOURCE, TARGET = 951, 952
+SOURCE_NAME, TARGET_NAME = f"Dataset{SOURCE}_{DEFAULT_DOMAINS[0].name}", f"Dataset{TARGET}_{DEFAULT_DOMAINS[1].name}"
+DESAM_TRAINERS = ["nnUNetTrainerDeSAM", "nnUNetTrainerDeSAM_Box", "nnUNetTrainerDeSAM_PDMMOnly", "nnUNetTrainerDeSAM_NoIoUHead", "nnUNetTrainerDeSAM_NoMEF"]
+ALL_TRAINERS = ["nnUNetTrainerBudget"] + DESAM_TRAINERS
+
+
+def run(command, env, expect_success=True) -> subprocess.CompletedProcess:
+    """Run an installed console command (from this interpreter's environment)."""
+    command = [str(Path(sys.executable).with_name(command[0])), *command[1:]]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    if expect_success:
+        assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, tiny_sam_checkpoint):
+    """nnU-Net folders with a preprocessed source domain (9:1 split) and a raw target domain."""
+    root = tmp_path_factory.mktemp("nnunet")
+    env = environment_with_trainers()
+    env.update(
+        nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "preprocessed"), nnUNet_results=str(root / "results"),
+        DESAM_SAM_CHECKPOINT=str(tiny_sam_checkpoint), DESAM_EPOCHS="1", DESAM_ITERATIONS_PER_EPOCH="2",
+        DESAM_VAL_ITERATIONS_PER_EPOCH="1", DESAM_GRID_SIZE="3", nnUNet_def_n_proc="1", nnUNet_n_proc_DA="0",
+    )
+    write_synthetic_dataset(root / "raw", SOURCE, DEFAULT_DOMAINS[0], num_cases=5, seed=0, shape=(4, 48, 48))
+    write_synthetic_dataset(root / "raw", TARGET, DEFAULT_DOMAINS[1], num_cases=2, seed=1, shape=(4, 48, 48))
+    planning_env = {k: v for k, v in env.items() if k != "nnUNet_n_proc_DA"}  # planning needs it >= 1
+    run(["nnUNetv2_plan_and_preprocess", "-d", str(SOURCE), "-c", "2d", "-np", "1"], planning_env)
+    os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")})
+    try:
+        write_source_split(SOURCE)
+    finally:
+        for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+            os.environ.pop(k)
+    return root, env
+
+
+def fold_folder(root: Path, trainer: str) -> Path:
+    return root / "results" / SOURCE_NAME / f"{trainer}__nnUNetPlans__2d" / "fold_0"
+
+
+@pytest.fixture(scope="module")
+def trained(workspace):
+    root, env = workspace
+    logs = {t: run(["nnUNetv2_train", str(SOURCE), "2d", "0", "-tr", t, "-device", "cpu"], env).stdout for t in ALL_TRAINERS}
+    return root, env, logs
+
+
+@pytest.mark.parametrize("trainer", ALL_TRAINERS)
+def test_training_writes_final_checkpoint_and_validation(trained, trainer):
+    root, _, logs = trained
+    folder = fold_folder(root, trainer)
+    assert (folder / "checkpoint_final.pth").is_file() and (folder / "checkpoint_best.pth").is_file()
+    summary = json.loads((folder / "validation" / "summary.json").read_text())
+    assert set(summary["mean"]) == {"1", "2"}
+    assert "Mean Validation Dice" in logs[trainer]
+
+
+@pytest.mark.parametrize("trainer", DESAM_TRAINERS)
+def test_desam_checkpoints_are_slim_and_record_the_sam_weights(trained, trainer, tiny_sam_checkpoint):
+    root, _, logs = trained
+    checkpoint = torch.load(fold_folder(root, trainer) / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    weights = checkpoint["network_weights"]
+    assert not any(k.startswith(("image_encoder.", "prompt_encoder.")) for k in weights)
+    assert any(k.startswith("decoder.") for k in weights)
+    assert bytes(weights["sam_fingerprint"].tolist()).hex() == sam_fingerprint(load_sam_state_dict(tiny_sam_checkpoint))
+    assert checkpoint["optimizer_state"]["state"] == {} and checkpoint["trainer_name"] == trainer
+    assert checkpoint["inference_allowed_mirroring_axes"] is None
+    weight_bytes = sum(v.numel() * v.element_size() for v in weights.values())
+    sam_bytes = tiny_sam_checkpoint.stat().st_size
+    size = (fold_folder(root, trainer) / "checkpoint_final.pth").stat().st_size
+    assert size < weight_bytes + 200_000 and size < sam_bytes
+    assert "Current learning rate: 0.0001" in logs[trainer]
+
+
+def test_the_paper_hyperparameters_are_logged(trained):
+    root, _, logs = trained
+    debug = json.loads((fold_folder(root, "nnUNetTrainerDeSAM") / "debug.json").read_text())
+    assert debug["batch_size"] == "8" and debug["initial_lr"] == "0.0001" and debug["weight_decay"] == "0.0"
+    assert debug["optimizer"].startswith("Adam")
+
+
+@pytest.mark.parametrize("trainer", ALL_TRAINERS)
+def test_predict_and_evaluate_a_target_domain(trained, trainer):
+    root, env, _ = trained
+    images, labels = root / "raw" / TARGET_NAME / "imagesTr", root / "raw" / TARGET_NAME / "labelsTr"
+    output = root / "predictions" / trainer
+    run(["nnUNetv2_predict", "-i", str(images), "-o", str(output), "-d", str(SOURCE), "-c", "2d", "-tr", trainer, "-f", "0", "-device", "cpu"], env)
+    predicted = sorted(output.glob("*.nii.gz"))
+    assert [p.name for p in predicted] == sorted(p.name for p in labels.glob("*.nii.gz"))
+    for prediction in predicted:
+        array = sitk.GetArrayFromImage(sitk.ReadImage(str(prediction)))
+        assert array.shape == sitk.GetArrayFromImage(sitk.ReadImage(str(labels / prediction.name))).shape
+        assert set(np.unique(array)) <= {0, 1, 2}
+    model = root / "results" / SOURCE_NAME / f"{trainer}__nnUNetPlans__2d"
+    run(["nnUNetv2_evaluate_folder", str(labels), str(output), "-djfile", str(model / "dataset.json"), "-pfile", str(model / "plans.json")], env)
+    summary = json.loads((output / "summary.json").read_text())
+    assert len(summary["metric_per_case"]) == 2 and set(summary["mean"]) == {"1", "2"}
+
+
+def test_continue_training_after_the_end_reruns_validation_from_the_slim_checkpoint(trained):
+    root, env, _ = trained
+    result = run(["nnUNetv2_train", str(SOURCE), "2d", "0", "-tr", "nnUNetTrainerDeSAM", "-device", "cpu", "--c"], env)
+    assert "Mean Validation Dice" in result.stdout
+
+
+def test_prediction_with_another_sam_file_is_refused(trained, other_tiny_sam_checkpoint, tmp_path):
+    root, env, _ = trained
+    env = {**env, "DESAM_SAM_CHECKPOINT": str(other_tiny_sam_checkpoint)}
+    images = root / "raw" / TARGET_NAME / "imagesTr"
+    result = run(["nnUNetv2_predict", "-i", str(images), "-o", str(tmp_path), "-d", str(SOURCE), "-c", "2d", "-tr", "nnUNetTrainerDeSAM", "-f", "0", "-device", "cpu"], env, expect_success=False)
+    assert result.returncode != 0
+    assert "nnunetv2-desam: these DeSAM weights were trained with SAM weights of fingerprint" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not list(tmp_path.glob("*.nii.gz"))
+
+
+def test_prediction_without_sam_file_is_refused_with_the_download_addresses(trained, tmp_path):
+    root, env, _ = trained
+    env = {k: v for k, v in env.items() if k != "DESAM_SAM_CHECKPOINT"}
+    images = root / "raw" / TARGET_NAME / "imagesTr"
+    result = run(["nnUNetv2_predict", "-i", str(images), "-o", str(tmp_path), "-d", str(SOURCE), "-c", "2d", "-tr", "nnUNetTrainerDeSAM_Box", "-f", "0", "-device", "cpu"], env, expect_success=False)
+    assert result.returncode != 0
+    assert "DESAM_SAM_CHECKPOINT is not set" in result.stderr and "sam_vit_h_4b8939.pth" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_training_with_a_missing_sam_file_is_refused(workspace, tmp_path):
+    root, env = workspace
+    env = {**env, "DESAM_SAM_CHECKPOINT": str(tmp_path / "sam_vit_h_4b8939.pth")}
+    result = run(["nnUNetv2_train", str(SOURCE), "2d", "0", "-tr", "nnUNetTrainerDeSAM", "-device", "cpu"], env, expect_success=False)
+    assert result.returncode != 0
+    assert "SAM checkpoint not found" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_3d_configuration_is_refused(workspace):
+    root, env = workspace
+    result = run(["nnUNetv2_train", str(SOURCE), "3d_fullres", "0", "-tr", "nnUNetTrainerDeSAM", "-device", "cpu"], env, expect_success=False)
+    assert result.returncode != 0
+    assert "DeSAM is a 2D method, use -c 2d" in result.stderr and "Traceback" not in result.stderr

@@ -90,6 +90,26 @@ def test_output_shapes_for_odd_patch_sizes(sam_state_dict, settings, channels, c
     assert (iou.shape == (2, 1, classes - 1)) if has_iou else iou is None
 
 
+def test_explicit_boxes_and_point_labels_reach_sam_prompt_encoder(sam_state_dict):
+    network = make_desam(sam_state_dict, settings=BOX).eval()
+    x = torch.randn(1, 1, 64, 32)
+    captured = []
+    network.prim.register_forward_hook(lambda m, i, o: captured.append(i[2]))
+    with torch.no_grad():
+        automatic = network(x)
+        whole, _ = network(x, boxes=torch.tensor([[0.0, 0.0, 32.0, 64.0]]))
+        part, _ = network(x, boxes=torch.tensor([[4.0, 8.0, 20.0, 30.0]]))
+        network(x, points=torch.tensor([[[5.0, 5.0], [20.0, 40.0]]]), point_labels=torch.tensor([[1, 0]]))
+    expected_box, _ = network.prompt_encoder(points=None, boxes=torch.tensor([[16.0, 16.0, 80.0, 60.0]]), masks=None)
+    assert torch.equal(automatic, whole) and not torch.equal(automatic, part)
+    assert torch.allclose(captured[2], expected_box)
+    point_prompts = captured[3]  # two prompts, each a point then SAM's padding token
+    assert point_prompts.shape == (2, 2, 32)
+    foreground, background = network.prompt_encoder.point_embeddings[1].weight, network.prompt_encoder.point_embeddings[0].weight
+    positional = network.prompt_encoder.pe_layer.forward_with_coords(torch.tensor([[[20.0, 10.0]], [[80.0, 80.0]]]), (128, 128))
+    assert torch.allclose(point_prompts[:, 0], positional[:, 0] + torch.cat([foreground, background]), atol=1e-5)
+
+
 def test_grid_mode_runs_one_prompt_per_grid_point(sam_state_dict):
     network = make_desam(sam_state_dict, settings=DeSAMSettings(grid_size=4)).eval()
     calls = []

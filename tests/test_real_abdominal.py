@@ -8,7 +8,7 @@ import SimpleITK as sitk
 from nnunetv2_desam.experiments.convert_abdominal import convert_abdominal
 from nnunetv2_desam.experiments.splits import write_source_split
 from nnunetv2_desam.registration import environment_with_trainers
-from tests.test_trainers_nnunet_commands import run
+from tests.commands import run
 
 CT_CASES, MR_CASE = ("4", "5", "11"), "15"  # the smallest CT volumes, a 31-slice MR volume
 CT_ID, MR_ID = 961, 962

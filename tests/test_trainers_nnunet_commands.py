@@ -2,9 +2,8 @@
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -15,20 +14,12 @@ from nnunetv2_desam.experiments.splits import write_source_split
 from nnunetv2_desam.networks.sam_checkpoint import load_sam_state_dict, sam_fingerprint
 from nnunetv2_desam.experiments.synthetic import DEFAULT_DOMAINS, write_synthetic_dataset
 from nnunetv2_desam.registration import environment_with_trainers
+from tests.commands import run
 
 SOURCE, TARGET = 951, 952
 SOURCE_NAME, TARGET_NAME = f"Dataset{SOURCE}_{DEFAULT_DOMAINS[0].name}", f"Dataset{TARGET}_{DEFAULT_DOMAINS[1].name}"
 DESAM_TRAINERS = ["nnUNetTrainerDeSAM", "nnUNetTrainerDeSAM_Box", "nnUNetTrainerDeSAM_PDMMOnly", "nnUNetTrainerDeSAM_NoIoUHead", "nnUNetTrainerDeSAM_NoMEF"]
 ALL_TRAINERS = ["nnUNetTrainerBudget"] + DESAM_TRAINERS
-
-
-def run(command, env, expect_success=True) -> subprocess.CompletedProcess:
-    """Run an installed console command (from this interpreter's environment)."""
-    command = [str(Path(sys.executable).with_name(command[0])), *command[1:]]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-    if expect_success:
-        assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +36,8 @@ def workspace(tmp_path_factory, tiny_sam_checkpoint):
     write_synthetic_dataset(root / "raw", TARGET, DEFAULT_DOMAINS[1], num_cases=2, seed=1, shape=(4, 48, 48))
     planning_env = {k: v for k, v in env.items() if k != "nnUNet_n_proc_DA"}  # planning needs it >= 1
     run(["nnUNetv2_plan_and_preprocess", "-d", str(SOURCE), "-c", "2d", "-np", "1"], planning_env)
-    os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")})
-    try:
-        write_source_split(SOURCE)
-    finally:
-        for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-            os.environ.pop(k)
+    with mock.patch.dict(os.environ, {k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}):
+        write_source_split(SOURCE, log=lambda *a: None)
     return root, env
 
 

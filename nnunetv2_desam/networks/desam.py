@@ -166,28 +166,54 @@ class DeSAM(nn.Module):
         rgb = F.interpolate(rgb, size=(size, size), mode="bilinear", align_corners=False)
         return (rgb - self.pixel_mean) / self.pixel_std
 
-    def encode_prompts(self, points: Optional[torch.Tensor], batch: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Points (B·P)×T×2 in encoder-input pixels, or None for the whole-image box → sparse, dense."""
-        size = self.image_encoder.img_size
-        if points is None:
-            box = torch.tensor([[0.0, 0.0, size, size]], device=device).expand(batch, 4)
-            return self.prompt_encoder(points=None, boxes=box, masks=None)
-        labels = torch.ones(points.shape[:2], dtype=torch.int64, device=device)
+    def encode_prompts(
+        self,
+        batch: int,
+        patch_size: Tuple[int, int],
+        points: Optional[torch.Tensor] = None,
+        point_labels: Optional[torch.Tensor] = None,
+        boxes: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor, int]:
+        """Prompts in patch pixels → SAM's sparse (B·P)×T×D and dense (B·P)×D×G×G embeddings, and P.
+
+        Explicit boxes (B×4, x0 y0 x1 y1) or points (B×P×2 with labels B×P, default 1 =
+        foreground; each point its own prompt) win; otherwise the automatic prompt of
+        ``settings.prompt_mode``: the whole-image box or the N×N grid.
+        """
+        height, width = patch_size
+        device = self.channel_mixing.device
+        scale = torch.tensor([self.image_encoder.img_size / width, self.image_encoder.img_size / height], device=device)
+        if boxes is None and points is None:
+            if self.settings.prompt_mode == "box":
+                boxes = torch.tensor([[0.0, 0.0, width, height]], device=device).expand(batch, 4)
+            else:
+                points = grid_points(self.settings.grid_size, patch_size).to(device).expand(batch, -1, -1)
+        if boxes is not None:
+            sparse, dense = self.prompt_encoder(points=None, boxes=boxes.float() * scale.repeat(2), masks=None)
+            return sparse, dense, 1
+        if point_labels is None:
+            point_labels = torch.ones(points.shape[:2], dtype=torch.int64, device=device)
+        coordinates = (points.float() * scale).reshape(-1, 1, 2)
         # SAM's prompt encoder adds half a pixel: our coordinates are continuous already.
-        return self.prompt_encoder(points=(points - 0.5, labels), boxes=None, masks=None)
+        sparse, dense = self.prompt_encoder(points=(coordinates - 0.5, point_labels.reshape(-1, 1)), boxes=None, masks=None)
+        return sparse, dense, points.shape[1]
 
     def forward(
-        self, x: torch.Tensor, points: Optional[torch.Tensor] = None
+        self,
+        x: torch.Tensor,
+        points: Optional[torch.Tensor] = None,
+        point_labels: Optional[torch.Tensor] = None,
+        boxes: Optional[torch.Tensor] = None,
     ) -> Union[torch.Tensor, List[torch.Tensor], Tuple]:
         """
         Args:
             x: B×C×H×W patch.
-            points: optional explicit point prompts B×P×2, (x, y) continuous pixel coordinates of
-                the patch, each point its own prompt (training passes P=1).
+            points, point_labels, boxes: optional explicit prompts in continuous pixel coordinates
+                of the patch (see :meth:`encode_prompts`); training passes one point per sample.
         Returns:
-            without ``points``: logits B×K×H×W ([B×K×H×W, B×K×H/2×W/2] with deep supervision);
-            with ``points``: (those logits combined over the P prompts, IoU predictions B×P×(K-1)
-            or None without IoU head).
+            automatic prompts: logits B×K×H×W ([B×K×H×W, B×K×H/2×W/2] with deep supervision);
+            explicit prompts: (those logits, combined over the P prompts; IoU predictions
+            B×P×(K-1), or None without IoU head).
         """
         batch, _, height, width = x.shape
         with torch.no_grad():
@@ -197,10 +223,8 @@ class DeSAM(nn.Module):
             logits = self.decoder(taps)
             prompts_per_image = 1
         else:
-            prompt_points = self._prompt_points(points, batch, height, width, x.device)
-            prompts_per_image = 1 if prompt_points is None else prompt_points.shape[0] // batch
             with torch.no_grad():
-                sparse, dense = self.encode_prompts(prompt_points, batch * prompts_per_image, x.device)
+                sparse, dense, prompts_per_image = self.encode_prompts(batch, (height, width), points, point_labels, boxes)
             mask_embedding, iou = self.prim(embedding, self.prompt_encoder.get_dense_pe(), sparse, dense)
             logits = self._decode(taps, mask_embedding, prompts_per_image)
             if iou is not None:
@@ -209,17 +233,7 @@ class DeSAM(nn.Module):
         sizes = [(height, width), (round(height / 2), round(width / 2))]
         outputs = [F.interpolate(o, size=s, mode="bilinear", align_corners=False) for o, s in zip(outputs, sizes)]
         result = outputs if self.decoder.deep_supervision else outputs[0]
-        return result if points is None else (result, iou)
-
-    def _prompt_points(self, points, batch, height, width, device) -> Optional[torch.Tensor]:
-        """Prompts in encoder-input pixels, (B·P)×1×2; None means the whole-image box."""
-        size = self.image_encoder.img_size
-        if points is None:
-            if self.settings.prompt_mode == "box":
-                return None
-            points = grid_points(self.settings.grid_size, (height, width)).to(device).expand(batch, -1, -1)
-        scale = torch.tensor([size / width, size / height], device=device)
-        return (points.float() * scale).reshape(-1, 1, 2)
+        return result if points is None and boxes is None else (result, iou)
 
     def _decode(self, taps, mask_embedding, prompts_per_image):
         """PDMM per prompt; image-only work is shared across prompts unless asked not to."""

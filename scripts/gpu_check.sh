@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The prepared GPU check (one H100): sanity tests on the CPU, then the CUDA benchmark with ViT-H.
+#
+# Run from the repository root of the copy on the GPU machine. Wheels carried along in .whl/ are
+# installed into /tmp/site (use them when the machine has no torch, segment_anything, nnunetv2, ...).
+# Results go to $OUT (default benchmark_results/): benchmark_cuda.json, benchmark_cuda.txt (the
+# table), benchmark_cuda.log (progress and any traceback). Expected 2-4 minutes after the install;
+# the tests are capped at 90 s and the benchmark at 300 s (it writes its JSON after every row).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmark_results}
+mkdir -p "$OUT"
+PYTHON=${PYTHON:-python3}
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+else
+    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+nvidia-smi
+"$PYTHON" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'available:', torch.cuda.is_available())"
+
+echo "== CPU sanity tests"
+start=$SECONDS
+timeout 90 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_desam_network.py tests/test_fast_attention.py
+tests_status=$?
+echo "tests: exit $tests_status in $((SECONDS - start)) s"
+
+echo "== benchmark (cuda, vit_h)"
+start=$SECONDS
+timeout 300 "$PYTHON" scripts/benchmark.py --device cuda --model vit_h --output "$OUT/benchmark_cuda.json" \
+    2> "$OUT/benchmark_cuda.log" | tee "$OUT/benchmark_cuda.txt"
+benchmark_status=${PIPESTATUS[0]}
+echo "benchmark: exit $benchmark_status in $((SECONDS - start)) s"
+if [ "$benchmark_status" -ne 0 ]; then
+    echo "== last lines of $OUT/benchmark_cuda.log"
+    tail -n 40 "$OUT/benchmark_cuda.log"
+fi
+
+[ "$tests_status" -eq 0 ] && [ "$benchmark_status" -eq 0 ]

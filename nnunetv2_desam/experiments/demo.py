@@ -1,0 +1,163 @@
+"""``nnUNetv2_desam_demo``: the whole cross-domain workflow on synthetic data, on CPU, in minutes.
+
+On a machine with nothing configured, it creates FOLDER with its own ``nnUNet_raw``,
+``nnUNet_preprocessed`` and ``nnUNet_results``, three synthetic domains
+(:mod:`~nnunetv2_desam.experiments.synthetic`; SiteA is the source, SiteB and SiteC the targets)
+and a tiny SAM checkpoint with random weights, then runs ``nnUNetv2_desam_crossdomain`` on them
+with a budget of a few dozen iterations. Every setting reaches the subprocesses through their
+environment only; the caller's shell and environment variables are neither read for nnU-Net
+settings nor changed.
+
+The numbers say nothing about DeSAM's accuracy (random untrained encoder, tiny budget); they
+show that the workflow runs end to end. Every output says so.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from nnunetv2_desam.experiments import crossdomain
+from nnunetv2_desam.experiments.synthetic import DEFAULT_DOMAINS, write_synthetic_domains
+from nnunetv2_desam.networks.sam_checkpoint import write_random_sam_checkpoint
+from nnunetv2_desam.registration import SAM_CHECKPOINT_VARIABLE
+
+PROG = "nnUNetv2_desam_demo"
+FIRST_ID = 901
+SHAPE = (6, 64, 64)
+SEED = 0
+BUDGET = {"epochs": 3, "iterations-per-epoch": 10, "val-iterations": 2}
+GRID_SIZES = (3, 5, 9)
+SETTINGS_FILE = "demo.json"
+SAM_FILE = "sam_tiny_random.pth"
+NNUNET_FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+DISCLAIMER = (
+    "DEMO ONLY: these numbers say nothing about DeSAM's accuracy. The SAM encoder is a tiny ViT with untrained "
+    "random weights (not Meta's SAM), every model trains for a few dozen iterations, and the data are a handful "
+    "of synthetic 6×64×64 volumes. The demo shows that the workflow runs end to end; for real results run "
+    "nnUNetv2_desam_crossdomain with an official SAM checkpoint on real data."
+)
+
+
+class DemoError(crossdomain.ExperimentError):
+    """A demo folder that cannot be used; printed as one line."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Run DeSAM's cross-domain workflow (nnUNetv2_desam_crossdomain) end to end on synthetic data "
+                    "on the CPU, with nothing configured: FOLDER gets its own nnU-Net folders, three synthetic "
+                    "domains (SiteA source; SiteB, SiteC targets), a tiny random SAM checkpoint, the trainings, "
+                    "predictions, table and figures. About ten minutes on two cores. " + DISCLAIMER,
+    )
+    parser.add_argument("-o", "--output", type=Path, default=Path("desam_demo"), metavar="FOLDER",
+                        help="demo folder (default: ./desam_demo); rerunning with the same settings resumes")
+    parser.add_argument("--cases", type=_at_least_two, default=6, metavar="N",
+                        help="synthetic cases per domain (default 6; the source needs 2 for its 9:1 split)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the nnU-Net raw, preprocessed and results folders and the SAM checkpoint "
+                             "(about 130 MB); by default only the report folder crossdomain/ is kept")
+    return parser
+
+
+def _at_least_two(text: str) -> int:
+    if not text.isdigit() or int(text) < 2:
+        raise argparse.ArgumentTypeError(f"expected an integer of at least 2, got {text!r}")
+    return int(text)
+
+
+def prepare_folder(folder: Path, settings: dict) -> None:
+    """Use an empty (or new) folder, or resume a demo made with the same settings; refuse anything else."""
+    settings_file = folder / SETTINGS_FILE
+    if folder.is_dir() and any(folder.iterdir()):
+        if not settings_file.is_file():
+            raise DemoError(f"{folder} exists and is not a demo folder; choose another -o")
+        try:
+            previous = json.loads(settings_file.read_text())
+        except ValueError:
+            raise DemoError(f"{settings_file} is unreadable; remove {folder} or choose another -o") from None
+        if previous != settings:
+            raise DemoError(f"{folder} holds a demo made with {previous}; remove it or choose another -o")
+        print(f"resuming the demo in {folder}")
+    folder.mkdir(parents=True, exist_ok=True)
+    settings_file.write_text(json.dumps(settings, indent=2))
+
+
+def write_inputs(folder: Path, num_cases: int) -> Path:
+    """The synthetic raw datasets and the tiny SAM checkpoint, each written once (under a temporary name
+    first, so an interrupted demo never resumes from half-written data). Returns the checkpoint path."""
+    raw = folder / "nnUNet_raw"
+    if not raw.is_dir():
+        print(f"writing {len(DEFAULT_DOMAINS)} synthetic domains of {num_cases} cases ({'×'.join(map(str, SHAPE))})")
+        partial = folder / "nnUNet_raw.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        write_synthetic_domains(partial, FIRST_ID, num_cases, seed=SEED, shape=SHAPE)
+        partial.rename(raw)
+    checkpoint = folder / SAM_FILE
+    if not checkpoint.is_file():
+        print("writing a tiny SAM checkpoint with random weights")
+        partial = folder / f"{SAM_FILE}.partial"
+        write_random_sam_checkpoint(str(partial), seed=SEED)
+        partial.replace(checkpoint)
+    return checkpoint
+
+
+def demo_environment(folder: Path, checkpoint: Path) -> dict:
+    """The caller's environment without any nnU-Net or DeSAM setting, plus the demo's own."""
+    environment = {name: value for name, value in os.environ.items()
+                   if not name.startswith(("nnUNet_", "DESAM_"))}
+    environment.update({name: str(folder / name) for name in NNUNET_FOLDERS})
+    environment.update({
+        SAM_CHECKPOINT_VARIABLE: str(checkpoint),
+        "nnUNet_def_n_proc": "1",  # tiny cases: extra spawned workers cost more than they save
+        "nnUNet_n_proc_DA": "0",
+    })
+    return environment
+
+
+def crossdomain_arguments(folder: Path) -> list[str]:
+    targets = [str(FIRST_ID + i) for i in range(1, len(DEFAULT_DOMAINS))]
+    budget = [item for option, value in BUDGET.items() for item in (f"--{option}", str(value))]
+    return ["-s", str(FIRST_ID), "-t", *targets, *budget, "--grid-sizes", *map(str, GRID_SIZES),
+            "-o", str(folder / "crossdomain"), "-device", "cpu"]
+
+
+def remove_bulky_outputs(folder: Path) -> None:
+    """Everything but the report folder (and the settings file, so a rerun is recognised as a demo)."""
+    for name in (*NNUNET_FOLDERS, SAM_FILE):
+        path = folder / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def run_demo(argv: Sequence[str] | None = None) -> None:
+    """Prepare FOLDER, run the experiment in it, tidy up; the disclaimer first and last."""
+    args = build_parser().parse_args(argv)
+    folder = args.output.resolve()
+    start = time.monotonic()
+    print(f"{PROG}: {DISCLAIMER}\n", flush=True)
+    prepare_folder(folder, {"cases": args.cases, "shape": list(SHAPE), "seed": SEED, "budget": BUDGET,
+                            "grid_sizes": list(GRID_SIZES)})
+    checkpoint = write_inputs(folder, args.cases)
+    experiment = crossdomain.run_experiment(crossdomain_arguments(folder), demo_environment(folder, checkpoint),
+                                            notes=[DISCLAIMER])
+    if not args.keep:
+        remove_bulky_outputs(folder)
+    print(f"\n{DISCLAIMER}\nDemo finished in {time.monotonic() - start:.0f} s; report, figures and logs in "
+          f"{experiment.output}" + ("" if args.keep else " (nnU-Net folders removed; --keep keeps them)"), flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    sys.exit(crossdomain.report_errors(lambda: run_demo(argv), prog=PROG))
+
+
+if __name__ == "__main__":
+    main()

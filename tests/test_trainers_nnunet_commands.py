@@ -14,6 +14,7 @@ from nnunetv2_desam.experiments.splits import write_source_split
 from nnunetv2_desam.networks.sam_checkpoint import load_sam_state_dict, sam_fingerprint
 from nnunetv2_desam.experiments.synthetic import DEFAULT_DOMAINS, write_synthetic_dataset
 from nnunetv2_desam.registration import environment_with_trainers
+from nnunetv2_desam.trainers.nnUNetTrainerDeSAM import nnUNetTrainerDeSAM
 from tests.commands import run
 
 SOURCE, TARGET = 951, 952
@@ -144,3 +145,25 @@ def test_3d_configuration_is_refused(workspace):
     result = run(["nnUNetv2_train", str(SOURCE), "3d_fullres", "0", "-tr", "nnUNetTrainerDeSAM", "-device", "cpu"], env, expect_success=False)
     assert result.returncode != 0
     assert "DeSAM is a 2D method, use -c 2d" in result.stderr and "Traceback" not in result.stderr
+
+
+def make_trainer(root: Path, labels: dict, **extra):
+    """nnUNetTrainerDeSAM built directly from the workspace's plans with other dataset labels."""
+    plans = json.loads((root / "preprocessed" / SOURCE_NAME / "nnUNetPlans.json").read_text())
+    plans["continue_training"] = False
+    dataset_json = {**json.loads((root / "raw" / SOURCE_NAME / "dataset.json").read_text()), "labels": labels, **extra}
+    folders = {f"nnUNet_{n}": str(root / n) for n in ("raw", "preprocessed", "results")}
+    with mock.patch.dict(os.environ, folders):
+        return nnUNetTrainerDeSAM(plans, "2d", 0, dataset_json, device=torch.device("cpu"))
+
+
+def test_region_based_datasets_are_refused(workspace):
+    root, _ = workspace
+    with pytest.raises(SystemExit, match="region-based datasets are not supported"):
+        make_trainer(root, {"background": 0, "both": [1, 2], "organ_b": 2}, regions_class_order=[1, 2])
+
+
+def test_ignore_label_datasets_are_accepted(workspace):
+    root, _ = workspace
+    trainer = make_trainer(root, {"background": 0, "organ_a": 1, "organ_b": 2, "ignore": 3})
+    assert trainer.label_manager.ignore_label == 3 and trainer.label_manager.num_segmentation_heads == 3

@@ -30,14 +30,20 @@ def sam_checkpoint_path() -> str:
     return path
 
 
+def positive_int_from_environment(variable: str):
+    """The value of ``variable`` as a positive integer, None when unset; a clear exit otherwise."""
+    value = os.environ.get(variable, "")
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise DeSAMUsageError(f"{variable} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def grid_size_from_environment(default: int) -> int:
     """Points per side of the inference grid, overridable with ``DESAM_GRID_SIZE``."""
-    value = os.environ.get(GRID_SIZE_VARIABLE, "")
-    if not value:
-        return default
-    if not value.isdigit() or int(value) < 1:
-        raise DeSAMUsageError(f"{GRID_SIZE_VARIABLE} must be a positive integer, got {value!r}")
-    return int(value)
+    value = positive_int_from_environment(GRID_SIZE_VARIABLE)
+    return default if value is None else value
 
 
 def environment_with_trainers(environment=None) -> dict:

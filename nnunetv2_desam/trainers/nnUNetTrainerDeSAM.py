@@ -18,7 +18,12 @@ from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2_desam.networks.desam import DeSAM, DeSAMSettings
 from nnunetv2_desam.networks.prompts import sample_training_points
 from nnunetv2_desam.networks.sam_checkpoint import SAMCheckpointError
-from nnunetv2_desam.registration import DeSAMUsageError, grid_size_from_environment, sam_checkpoint_path
+from nnunetv2_desam.registration import (
+    DeSAMUsageError,
+    grid_size_from_environment,
+    positive_int_from_environment,
+    sam_checkpoint_path,
+)
 
 
 def _report_sam_checkpoint_errors_in_one_line(exc_type, exc, tb, previous_hook=sys.excepthook):
@@ -41,11 +46,9 @@ BUDGET_VARIABLES = {
 def apply_budget_from_environment(trainer: nnUNetTrainer) -> None:
     """Shorten (or lengthen) a training with DESAM_EPOCHS / _ITERATIONS_PER_EPOCH / _VAL_ITERATIONS_PER_EPOCH."""
     for attribute, variable in BUDGET_VARIABLES.items():
-        value = os.environ.get(variable, "")
-        if value:
-            if not value.isdigit() or int(value) < 1:
-                raise DeSAMUsageError(f"{variable} must be a positive integer, got {value!r}")
-            setattr(trainer, attribute, int(value))
+        value = positive_int_from_environment(variable)
+        if value is not None:
+            setattr(trainer, attribute, value)
 
 
 class nnUNetTrainerBudget(nnUNetTrainer):

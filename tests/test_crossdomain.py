@@ -228,21 +228,26 @@ def check_outputs(output, target_folder):
         assert f"| {method} |" in table
     for trainer in ("nnUNetTrainerBudget", "nnUNetTrainerDeSAM_Box", "nnUNetTrainerDeSAM"):
         assert f"= {trainer} (1 epochs × 2 iterations" in table
-    assert "| Method | SiteB | Overall |" in table and "checkpoint_best.pth" in table
+    assert "| Method | SiteA (in-domain) | SiteB | Overall |" in table and "checkpoint_best.pth" in table
+    assert "In-domain column: every method on those 1 validation case(s) of the source" in table
 
     with open(output / "table.csv", newline="") as file:
         rows = list(csv.DictReader(file))
     assert {(row["trainer"], row["target"], row["class"]) for row in rows} == {
         (method, target, name) for method in methods
-        for target, name in [("SiteB", "organ_a"), ("SiteB", "organ_b"), ("SiteB", "mean over classes"),
-                             ("Overall", "mean over classes")]}
+        for target in ("SiteA (in-domain)", "SiteB") for name in ("organ_a", "organ_b", "mean over classes")} | {
+        (method, "Overall", "mean over classes") for method in methods}
     assert all(row["protocol"] == PROTOCOL_WHOLE_VOLUME for row in rows)
 
     per_case = json.loads((output / "per_case.json").read_text())
     assert per_case["protocol"] == PROTOCOL_WHOLE_VOLUME
-    assert {(row["trainer"], row["class"]) for row in per_case["rows"]} == {
-        (method, name) for method in methods for name in ("organ_a", "organ_b")}
-    assert all(sorted(row["per_case"]) == cases for row in per_case["rows"])
+    assert {(row["trainer"], row["target"], row["class"]) for row in per_case["rows"]} == {
+        (method, target, name) for method in methods for target in ("SiteA (in-domain)", "SiteB")
+        for name in ("organ_a", "organ_b")}
+    assert all(sorted(row["per_case"]) == cases for row in per_case["rows"] if row["target"] == "SiteB")
+    splits = target_folder.parents[1] / "nnUNet_preprocessed" / SOURCE / "splits_final.json"
+    validation = json.loads(splits.read_text())[0]["val"]
+    assert all(sorted(row["per_case"]) == validation for row in per_case["rows"] if row["in_domain"])
 
     for png in ("dice_bar_chart.png", "overlays.png", "dice_vs_grid_size.png"):
         image = matplotlib.image.imread(output / png)

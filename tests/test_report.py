@@ -230,6 +230,26 @@ def test_format_table_marks_missing_targets():
     assert nnunet.split()[1] == "70.00" and "60.00 [" in nnunet
 
 
+def test_in_domain_column_comes_first_and_stays_out_of_overall(results, tmp_path):
+    results.add("nnUNet", "SiteA (in-domain)", {"a1": {"liver": 1.0, "kidney": 0.8}}, in_domain=True)
+    assert results.targets == ["SiteA (in-domain)", "SiteB", "SiteC"]
+    assert results.shifted_targets == ["SiteB", "SiteC"]
+    assert results.overall_ci("nnUNet")[0] == pytest.approx(0.675)
+    assert "in-domain column(s) excluded" in results.header
+    write_markdown_table(results, str(tmp_path / "table.md"))
+    text = (tmp_path / "table.md").read_text()
+    assert _markdown_cells(text, "Method") == ["Method", "SiteA (in-domain)", "SiteB", "SiteC", OVERALL]
+    assert _markdown_cells(text, "nnUNet")[1] == "90.00 [90.0, 90.0]"
+    assert _markdown_cells(text, "DeSAM")[1] == "n/a"
+    write_csv(results, str(tmp_path / "table.csv"))
+    with open(tmp_path / "table.csv", newline="") as file:
+        overall = {row["trainer"]: row for row in csv.DictReader(file) if row["target"] == OVERALL}
+    assert overall["nnUNet"]["n_cases"] == "4" and float(overall["nnUNet"]["mean_dice"]) == pytest.approx(0.675)
+    write_per_case_json(results, str(tmp_path / "per_case.json"))
+    rows = json.loads((tmp_path / "per_case.json").read_text())["rows"]
+    assert {row["target"] for row in rows if row["in_domain"]} == {"SiteA (in-domain)"}
+
+
 def test_bar_chart_and_grid_size_plot(results, tmp_path):
     plot_bar_chart(results, str(tmp_path / "bars.png"))
     _assert_png(tmp_path / "bars.png")

@@ -49,7 +49,8 @@ def fold_folder(root: Path, trainer: str) -> Path:
 @pytest.fixture(scope="module")
 def trained(workspace):
     root, env = workspace
-    logs = {t: run(["nnUNetv2_train", str(SOURCE), "2d", "0", "-tr", t, "-device", "cpu"], env).stdout for t in ALL_TRAINERS}
+    logs = {t: run(["nnUNetv2_train", str(SOURCE), "2d", "0", "-tr", t, "-device", "cpu", "--npz"], env).stdout
+            for t in ALL_TRAINERS}
     return root, env, logs
 
 
@@ -103,6 +104,32 @@ def test_predict_and_evaluate_a_target_domain(trained, trainer):
     run(["nnUNetv2_evaluate_folder", str(labels), str(output), "-djfile", str(model / "dataset.json"), "-pfile", str(model / "plans.json")], env)
     summary = json.loads((output / "summary.json").read_text())
     assert len(summary["metric_per_case"]) == 2 and set(summary["mean"]) == {"1", "2"}
+
+
+def test_find_best_configuration_compares_desam_with_the_baseline_and_its_instructions_run(trained):
+    """nnU-Net's model selection over the baseline, DeSAM-P and their ensemble (fold 0, validation saved
+    with --npz), then the inference and postprocessing commands it writes, run as printed."""
+    root, env, _ = trained
+    trainers = ["nnUNetTrainerBudget", "nnUNetTrainerDeSAM"]
+    run(["nnUNetv2_find_best_configuration", str(SOURCE), "-c", "2d", "-tr", *trainers, "-f", "0", "-np", "1"], env)
+    results = root / "results" / SOURCE_NAME
+    information = json.loads((results / "inference_information.json").read_text())
+    models = [f"{trainer}__nnUNetPlans__2d" for trainer in trainers]
+    assert set(information["all_results"]) == {*models, f"ensemble___{models[0]}___{models[1]}___0"}
+    assert all(0.0 <= dice <= 1.0 for dice in information["all_results"].values())
+
+    images = root / "raw" / TARGET_NAME / "imagesTr"
+    placeholders = {"INPUT_FOLDER": str(images), "OUTPUT_FOLDER_PP": str(root / "best_pp")}
+    placeholders.update({f"OUTPUT_FOLDER{suffix}": str(root / f"best{suffix}") for suffix in ("", "_MODEL_1", "_MODEL_2")})
+    commands = [line.split() for line in (results / "inference_instructions.txt").read_text().splitlines()
+                if line.startswith("nnUNetv2_")]
+    assert commands[-1][0] == "nnUNetv2_apply_postprocessing"
+    for command in commands:
+        command = [placeholders.get(word, word) for word in command]
+        run(command + (["-device", "cpu"] if command[0] == "nnUNetv2_predict" else []), env)
+    for folder in ("best", "best_pp"):
+        predicted = sorted(p.name for p in (root / folder).glob("*.nii.gz"))
+        assert predicted == sorted(p.name for p in (root / "raw" / TARGET_NAME / "labelsTr").glob("*.nii.gz"))
 
 
 def test_continue_training_after_the_end_reruns_validation_from_the_slim_checkpoint(trained):

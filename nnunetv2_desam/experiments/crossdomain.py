@@ -7,8 +7,9 @@ is exactly what a user would type by hand:
 
 1. ``nnUNetv2_plan_and_preprocess -d SOURCE -c 2d`` and the 9:1 split (:func:`splits.write_source_split`)
 2. ``nnUNetv2_train SOURCE 2d 0 -tr TRAINER`` for every trainer (``--c`` resumes an interrupted one)
-3. ``nnUNetv2_predict -chk checkpoint_best.pth`` on every target's ``imagesTr``
-4. ``nnUNetv2_evaluate_folder`` against the target's ``labelsTr`` (or the paper's foreground-slice Dice)
+3. ``nnUNetv2_predict -chk checkpoint_best.pth`` on every target's ``imagesTr``, and on the source's
+   held-out validation cases (the in-domain column: how much of the Dice the domain shift costs)
+4. ``nnUNetv2_evaluate_folder`` against the ``labelsTr`` (or the paper's foreground-slice Dice)
 5. the Table 2-style report, Fig. 3 (Dice vs. grid size) and Fig. 4 (overlays)
 
 Resumable: a step whose outputs exist prints "skipped (done)". A prediction folder carries a
@@ -116,8 +117,8 @@ class Dataset:
 class Prediction:
     """One prediction folder: ``trainer`` trained on ``model_dataset`` applied to ``target``.
 
-    ``in_domain`` marks the upper bound (model trained on the target itself, applied to the
-    target's held-out validation cases only). ``grid_size`` is the DESAM_GRID_SIZE it is made
+    ``in_domain`` marks a model applied to the held-out validation cases of the dataset it was
+    trained on: the source (in-domain column) or, for the upper bound, a target. ``grid_size`` is the DESAM_GRID_SIZE it is made
     with, None where the grid does not matter (no point prompts).
     """
 
@@ -160,7 +161,7 @@ class Experiment:
     environment: dict[str, str]
     notes: tuple[str, ...]
     method_names: dict[str, str]
-    target_names: dict[str, str]
+    domain_names: dict[str, str]
 
     @property
     def preprocessed(self) -> Path:
@@ -182,13 +183,13 @@ class Experiment:
         return self.output / "scores" / prediction.key / SCORE_FILES[self.protocol]
 
     def input_folder(self, prediction: Prediction) -> Path:
-        """The images to predict: the target's ``imagesTr``, or a copy of its validation cases (upper bound)."""
+        """The images to predict: the target's ``imagesTr``, or a copy of its validation cases (in-domain)."""
         if prediction.in_domain:
-            return self.output / "upper_bound_inputs" / prediction.target.name
+            return self.output / "validation_inputs" / prediction.target.name
         return prediction.target.folder / "imagesTr"
 
     def cases(self, prediction: Prediction) -> list[str]:
-        """Every target case, or for the upper bound the validation cases of the target's own split."""
+        """Every target case, or (in-domain) the validation cases of the target's own split."""
         if not prediction.in_domain:
             return list(prediction.target.cases)
         splits = json.loads((self.preprocessed / prediction.target.name / SPLITS_FILE).read_text())
@@ -312,7 +313,8 @@ def build_experiment(args: argparse.Namespace, environment: Mapping[str, str], n
         device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), split_seed=args.split_seed,
         seed=args.seed, n_boot=args.n_boot, environment=environment, notes=tuple(notes),
         method_names=display_names(trainers, lambda trainer: METHOD_NAMES.get(trainer, trainer)),
-        target_names=display_names([target.name for target in targets], lambda name: name.split("_", 1)[1]),
+        domain_names=display_names([source.name, *(target.name for target in targets)],
+                                   lambda name: name.split("_", 1)[1]),
     )
     check_finished_budgets(experiment, classes)
     return experiment
@@ -500,12 +502,20 @@ def cross_domain_predictions(experiment: Experiment) -> list[Prediction]:
             for trainer in experiment.trainers for target in experiment.targets]
 
 
+def in_domain_predictions(experiment: Experiment) -> list[Prediction]:
+    """Every trainer on the source's held-out validation cases: the in-domain column."""
+    source = experiment.source
+    return [Prediction(f"{trainer}/{source.name}", experiment.method_names[trainer], trainer, source, source,
+                       experiment.main_grid_size if uses_point_grid(trainer) else None, in_domain=True)
+            for trainer in experiment.trainers]
+
+
 def table_predictions(experiment: Experiment) -> list[Prediction]:
     """The rows of the table: the upper bound (if asked for) first, as in the paper, then the trainers."""
     upper = [Prediction(f"{UPPER_BOUND_KEY}/{target.name}", UPPER_BOUND_NAME,
                         experiment.baseline, target, target, None, in_domain=True)
              for target in experiment.targets] if experiment.upper_bound else []
-    return upper + cross_domain_predictions(experiment)
+    return upper + in_domain_predictions(experiment) + cross_domain_predictions(experiment)
 
 
 def grid_predictions(experiment: Experiment, grid_size: int) -> list[Prediction]:
@@ -727,8 +737,9 @@ def collect_results(experiment: Experiment, predictions: Sequence[Prediction],
     """The scores of ``predictions`` as one Results, rows named by ``label``, columns by target."""
     results = report.Results(PROTOCOLS[experiment.protocol], n_boot=experiment.n_boot, seed=experiment.seed)
     for prediction in predictions:
-        results.add(label(prediction), experiment.target_names[prediction.target.name],
-                    read_scores(experiment, prediction))
+        on_source = prediction.target == experiment.source
+        column = experiment.domain_names[prediction.target.name] + (" (in-domain)" if on_source else "")
+        results.add(label(prediction), column, read_scores(experiment, prediction), in_domain=on_source)
     return results
 
 
@@ -738,8 +749,10 @@ def report_notes(experiment: Experiment) -> list[str]:
     notes = list(experiment.notes) + [
         f"Source: {experiment.source.name}, split 9:1 (seed {experiment.split_seed}): {len(split['train'])} training, "
         f"{len(split['val'])} in-domain validation cases.",
+        f"In-domain column: every method on those {len(split['val'])} validation case(s) of the source, same "
+        f"checkpoint; {report.OVERALL} averages the target domains only.",
         "Targets, every case scored: " + "; ".join(
-            f"{experiment.target_names[t.name]} = {t.name} ({len(t.cases)} cases)" for t in experiment.targets) + ".",
+            f"{experiment.domain_names[t.name]} = {t.name} ({len(t.cases)} cases)" for t in experiment.targets) + ".",
         "Methods (nnU-Net trainer, training budget from its debug.json): " + "; ".join(
             f"{experiment.method_names[trainer]} = {trainer} "
             f"({describe_training(training_record(experiment.model_folder(experiment.source, trainer)))})"
@@ -753,7 +766,7 @@ def report_notes(experiment: Experiment) -> list[str]:
     if experiment.upper_bound:
         notes.append(f"{UPPER_BOUND_NAME}: {experiment.baseline} trained on each target's own 9:1 split, scored on "
                      f"that target's held-out validation cases only (n_cases in table.csv), not on every case; "
-                     + "; ".join(f"{experiment.target_names[t.name]}: "
+                     + "; ".join(f"{experiment.domain_names[t.name]}: "
                                  f"{describe_training(training_record(experiment.model_folder(t, experiment.baseline)))}"
                                  for t in experiment.targets) + ".")
     if experiment.protocol == "foreground-slices":
@@ -813,7 +826,7 @@ def write_overlays(experiment: Experiment) -> None:
         case = most_foreground_case(target)
         predictions = {p.method: str(experiment.prediction_folder(p) / f"{case}{target.file_ending}")
                        for p in cross_domain_predictions(experiment) if p.target == target}
-        rows.append(report.OverlayRow(f"{experiment.target_names[target.name]}\n{case}", str(target.image(case)),
+        rows.append(report.OverlayRow(f"{experiment.domain_names[target.name]}\n{case}", str(target.image(case)),
                                       str(target.ground_truth(case)), predictions))
     report.plot_overlays(str(experiment.output / "overlays.png"), rows)
 

@@ -33,15 +33,21 @@ class Results:
     ``rows[(trainer, target, class_name)]`` is ``{case_id: dice}`` (NaN = class absent from reference and
     prediction, excluded from means). Trainers, targets and classes keep their insertion order in every output.
     ``n_boot``, ``alpha`` and ``seed`` set the percentile bootstrap used for all confidence intervals.
+    ``in_domain`` names the columns scored on the training domain itself (held-out cases): shown first,
+    left out of ``Overall``, which measures generalisation to the other domains.
     """
     protocol: str
     rows: dict = field(default_factory=dict)
     n_boot: int = 1000
     alpha: float = 0.05
     seed: int = 0
+    in_domain: list = field(default_factory=list)
 
-    def add(self, trainer: str, target: str, per_case: dict[str, dict[str, float]]) -> None:
-        """Store the ``{case_id: {class_name: dice}}`` of ``scoring`` for ``trainer`` predicting ``target``."""
+    def add(self, trainer: str, target: str, per_case: dict[str, dict[str, float]], in_domain: bool = False) -> None:
+        """Store the ``{case_id: {class_name: dice}}`` of ``scoring`` for ``trainer`` predicting ``target``
+        (``in_domain``: held-out cases of the domain ``trainer`` was trained on)."""
+        if in_domain and target not in self.in_domain:
+            self.in_domain.append(target)
         for case_id, per_class in per_case.items():
             for class_name, value in per_class.items():
                 self.rows.setdefault((trainer, target, class_name), {})[case_id] = float(value)
@@ -53,8 +59,13 @@ class Results:
 
     @property
     def targets(self) -> list[str]:
-        """Target domain names (table columns), in insertion order."""
-        return list(dict.fromkeys(key[1] for key in self.rows))
+        """Column names: the in-domain columns, then the target domains, each in insertion order."""
+        return [*self.in_domain, *self.shifted_targets]
+
+    @property
+    def shifted_targets(self) -> list[str]:
+        """The target domains other than the training domain: the columns ``Overall`` averages."""
+        return [target for target in dict.fromkeys(key[1] for key in self.rows) if target not in self.in_domain]
 
     def classes(self, target: str) -> list[str]:
         """Class names scored on ``target``, in insertion order."""
@@ -68,8 +79,10 @@ class Results:
 
     @property
     def header(self) -> str:
-        """The header line of the tables: unit, protocol and CI method."""
-        return f"Dice (%), protocol: {self.protocol}; {self.ci_method}"
+        """The header line of the tables: unit, protocol, CI method and what ``Overall`` averages."""
+        overall = (f"; {OVERALL}: mean over the target domains, in-domain column(s) excluded" if self.in_domain
+                   else "")
+        return f"Dice (%), protocol: {self.protocol}; {self.ci_method}{overall}"
 
     def case_matrix(self, trainer: str, target: str) -> np.ndarray:
         """Dice of ``trainer`` on ``target`` as an (n_cases, n_classes) array (NaN where missing)."""
@@ -89,8 +102,8 @@ class Results:
         return self._bootstrap(self.case_matrix(trainer, target))
 
     def overall_ci(self, trainer: str) -> tuple[float, float, float]:
-        """(mean, low, high) of the mean over all targets of :meth:`target_ci`, stratified bootstrap CI."""
-        matrices = [self.case_matrix(trainer, target) for target in self.targets]
+        """(mean, low, high) of the mean over the shifted targets of :meth:`target_ci`, stratified bootstrap CI."""
+        matrices = [self.case_matrix(trainer, target) for target in self.shifted_targets]
         return stratified_bootstrap_ci(matrices, self.n_boot, self.alpha, self.seed)
 
 
@@ -169,7 +182,7 @@ def _summary_rows(results: Results) -> list[dict]:
                       results.class_ci(trainer, target, name)) for name in results.classes(target)]
             rows.append((trainer, target, MEAN_OVER_CLASSES, _n_cases(results, trainer, target),
                          results.target_ci(trainer, target)))
-        n_overall = sum(_n_cases(results, trainer, target) for target in results.targets)
+        n_overall = sum(_n_cases(results, trainer, target) for target in results.shifted_targets)
         rows.append((trainer, OVERALL, MEAN_OVER_CLASSES, n_overall, results.overall_ci(trainer)))
     return [dict(zip(CSV_COLUMNS, (*row[:4], *row[4], results.protocol, results.ci_method))) for row in rows]
 
@@ -185,9 +198,9 @@ def write_csv(results: Results, path: str) -> None:
 
 
 def write_per_case_json(results: Results, path: str) -> None:
-    """Write ``{"protocol", "ci_method", "dice_unit", "rows": [{"trainer", "target", "class", "per_case":
+    """Write ``{"protocol", "ci_method", "dice_unit", "rows": [{"trainer", "target", "in_domain", "class", "per_case":
     {case_id: dice or null}}]}``; null is a NaN Dice (class absent from reference and prediction)."""
-    rows = [{"trainer": trainer, "target": target, "class": name,
+    rows = [{"trainer": trainer, "target": target, "in_domain": target in results.in_domain, "class": name,
              "per_case": {case_id: None if math.isnan(value) else value for case_id, value in per_case.items()}}
             for (trainer, target, name), per_case in results.rows.items()]
     document = {"protocol": results.protocol, "ci_method": results.ci_method, "dice_unit": "fraction in [0, 1]",

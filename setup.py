@@ -1,4 +1,33 @@
+"""nnunetv2-desam. Besides the package, every install (wheel or editable) puts ``nnunetv2_desam.pth`` into
+site-packages: it registers the trainers with nnU-Net at interpreter start (nnunetv2_desam/nnunet_registration.py)."""
+from pathlib import Path
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+from setuptools.command.editable_wheel import editable_wheel
+
+PTH_FILE = "nnunetv2_desam.pth"
+
+
+class BuildPyWithPth(build_py):
+    """Regular wheels: the .pth file goes to the root of build_lib, i.e. of site-packages."""
+
+    def run(self):
+        super().run()
+        self.copy_file(PTH_FILE, str(Path(self.build_lib) / PTH_FILE), preserve_mode=False)
+
+
+class EditableWheelWithPth(editable_wheel):
+    """Editable installs (pip install -e): setuptools writes its own wheel; add the .pth file to it."""
+
+    def _create_wheel_file(self, bdist_wheel):
+        from wheel.wheelfile import WheelFile
+
+        wheel_path = super()._create_wheel_file(bdist_wheel)
+        with WheelFile(wheel_path, "a") as wheel:
+            wheel.write(PTH_FILE, PTH_FILE)
+        return wheel_path
+
 
 setup(
     name="nnunetv2-desam",
@@ -18,6 +47,7 @@ setup(
         "matplotlib",
     ],
     extras_require={"test": ["pytest>=7"]},
+    cmdclass={"build_py": BuildPyWithPth, "editable_wheel": EditableWheelWithPth},
     entry_points={
         "console_scripts": [
             "nnUNetv2_desam_trainer_path = nnunetv2_desam.registration:trainer_path_entry_point",

@@ -1,14 +1,13 @@
-"""Environment variables and the one registration step nnU-Net needs to find our trainers."""
+"""Environment variables, their clear errors, and the trainer folder for nnU-Net's ``nnUNet_extTrainer``."""
 
 import argparse
 import os
-from pathlib import Path
 
 from nnunetv2_desam.networks.sam_checkpoint import OFFICIAL_CHECKPOINT_URLS
+from nnunetv2_desam.nnunet_registration import TRAINERS_FOLDER, register
 
 SAM_CHECKPOINT_VARIABLE = "DESAM_SAM_CHECKPOINT"
 GRID_SIZE_VARIABLE = "DESAM_GRID_SIZE"
-TRAINERS_FOLDER = Path(__file__).resolve().parent / "trainers"
 
 
 class DeSAMUsageError(SystemExit):
@@ -49,17 +48,15 @@ def grid_size_from_environment(default: int) -> int:
 def environment_with_trainers(environment=None) -> dict:
     """A copy of the environment with our trainers folder added to ``nnUNet_extTrainer``."""
     environment = dict(os.environ if environment is None else environment)
-    folders = [f for f in environment.get("nnUNet_extTrainer", "").split(os.pathsep) if f]
-    if str(TRAINERS_FOLDER) not in folders:
-        folders.append(str(TRAINERS_FOLDER))
-    environment["nnUNet_extTrainer"] = os.pathsep.join(folders)
+    register(environment)
     return environment
 
 
 def trainer_path_entry_point(argv=None) -> None:
     parser = argparse.ArgumentParser(
         description="Print the folder holding the DeSAM trainers, for nnU-Net's nnUNet_extTrainer variable. "
-        'Typical use: export nnUNet_extTrainer="$(nnUNetv2_desam_trainer_path)"',
+        "pip install already adds it to nnUNet_extTrainer in every Python of the environment (nnunetv2_desam.pth); "
+        'set it yourself only where .pth files do not run (python -S): export nnUNet_extTrainer="$(nnUNetv2_desam_trainer_path)"',
     )
     parser.add_argument("--export", action="store_true", help="print a shell export line that keeps folders already listed")
     args = parser.parse_args(argv)

@@ -1,13 +1,13 @@
 """Real cases: a few DeSAM iterations on converted CT (SABS), then prediction of a real MR case (CHAOS)."""
 
 import json
+import os
 
 import numpy as np
 import SimpleITK as sitk
 
 from nnunetv2_desam.experiments.convert_abdominal import convert_abdominal
 from nnunetv2_desam.experiments.splits import write_source_split
-from nnunetv2_desam.registration import environment_with_trainers
 from tests.commands import run
 
 CT_CASES, MR_CASE = ("4", "5", "11"), "15"  # the smallest CT volumes, a 31-slice MR volume
@@ -30,7 +30,7 @@ def test_desam_trains_on_real_ct_and_predicts_a_real_mr_case(shared_data, tiny_s
         monkeypatch.setenv(f"nnUNet_{name}", str(tmp_path / name))
     results = convert_abdominal(tmp_path / "release", tmp_path / "raw", {"ct": CT_ID, "mr": MR_ID}, log=lambda *a: None)
     ct_name, mr_name = (r.dataset_name for r in results)
-    env = environment_with_trainers()
+    env = {k: v for k, v in os.environ.items() if k != "nnUNet_extTrainer"}  # registered by nnunetv2_desam.pth
     env.update(DESAM_SAM_CHECKPOINT=str(tiny_sam_checkpoint), DESAM_EPOCHS="1", DESAM_ITERATIONS_PER_EPOCH="2",
                DESAM_VAL_ITERATIONS_PER_EPOCH="1", DESAM_GRID_SIZE="2", nnUNet_def_n_proc="2")
     run(["nnUNetv2_plan_and_preprocess", "-d", str(CT_ID), "-c", "2d", "-np", "2"], env)

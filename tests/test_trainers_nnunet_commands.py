@@ -13,7 +13,6 @@ import torch
 from nnunetv2_desam.experiments.splits import write_source_split
 from nnunetv2_desam.networks.sam_checkpoint import load_sam_state_dict, sam_fingerprint
 from nnunetv2_desam.experiments.synthetic import DEFAULT_DOMAINS, write_synthetic_dataset
-from nnunetv2_desam.registration import environment_with_trainers
 from nnunetv2_desam.trainers.nnUNetTrainerDeSAM import nnUNetTrainerDeSAM
 from tests.commands import run
 
@@ -27,7 +26,7 @@ ALL_TRAINERS = ["nnUNetTrainerBudget"] + DESAM_TRAINERS
 def workspace(tmp_path_factory, tiny_sam_checkpoint):
     """nnU-Net folders with a preprocessed source domain (9:1 split) and a raw target domain."""
     root = tmp_path_factory.mktemp("nnunet")
-    env = environment_with_trainers()
+    env = {k: v for k, v in os.environ.items() if k != "nnUNet_extTrainer"}  # registered by nnunetv2_desam.pth
     env.update(
         nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "preprocessed"), nnUNet_results=str(root / "results"),
         DESAM_SAM_CHECKPOINT=str(tiny_sam_checkpoint), DESAM_EPOCHS="1", DESAM_ITERATIONS_PER_EPOCH="2",

@@ -258,3 +258,18 @@ def test_incomplete_trained_weights_are_still_refused(sam_state_dict):
     del state["decoder.head.weight"]
     with pytest.raises(RuntimeError, match="decoder.head.weight"):
         network.load_state_dict(state)
+
+
+@pytest.mark.parametrize("fuse_mask_embedding", [True, False], ids=["mef", "no-mef"])
+def test_pdmm_decodes_image_features_once_for_all_prompts_like_per_prompt_decoding(fuse_mask_embedding):
+    torch.manual_seed(0)
+    pdmm = PDMM(encoder_dim=24, width=32, num_classes=3, fuse_mask_embedding=fuse_mask_embedding).eval()
+    pdmm.deep_supervision = True
+    taps = [torch.randn(2, 24, 6, 6) for _ in range(3)]
+    mask_embedding = torch.randn(2 * 4, 32, 6, 6) if fuse_mask_embedding else None
+    with torch.no_grad():
+        shared = pdmm.decode(pdmm.encode_taps(taps), mask_embedding, prompts_per_image=4)
+        per_prompt = pdmm([t.repeat_interleave(4, dim=0) for t in taps], mask_embedding)
+    for fast, slow in zip(shared, per_prompt):
+        assert fast.shape == slow.shape
+        assert (fast - slow).abs().max() < 1e-5

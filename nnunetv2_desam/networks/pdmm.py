@@ -3,6 +3,7 @@
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from dynamic_network_architectures.building_blocks.residual import BasicBlockD
 from torch import nn
 
@@ -15,6 +16,37 @@ def se_residual_block(in_channels: int, out_channels: int) -> BasicBlockD:
         nonlin=nn.LeakyReLU, nonlin_kwargs={"negative_slope": 1e-2, "inplace": True},
         squeeze_excitation=True, squeeze_excitation_reduction_ratio=1.0 / 16,
     )
+
+
+def conv_of_concatenation(conv: nn.Conv2d, inputs: Sequence[torch.Tensor], prompts_per_image: int) -> torch.Tensor:
+    """``conv(cat(inputs, 1))`` where inputs with B rows are image-level, those with B·P rows per prompt.
+
+    A convolution of a channel concatenation is the sum of convolutions of the parts with the
+    matching slices of the weight, so each image-level part is convolved once per image and
+    broadcast over its P prompts instead of being repeated P times first. Out: (B·P)×C_out×h×w.
+    """
+    weights = conv.weight.split([part.shape[1] for part in inputs], dim=1)
+    per_prompt_rows = max(part.shape[0] for part in inputs)
+    per_prompt, per_image = conv.bias.view(1, -1, 1, 1) if conv.bias is not None else 0, 0
+    for part, weight in zip(inputs, weights):
+        out = F.conv2d(part, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+        if part.shape[0] == per_prompt_rows:
+            per_prompt = per_prompt + out
+        else:
+            per_image = per_image + out
+    if not torch.is_tensor(per_image):
+        return per_prompt
+    return (per_prompt.unflatten(0, (-1, prompts_per_image)) + per_image[:, None]).flatten(0, 1)
+
+
+def se_block_of_concatenation(block: BasicBlockD, inputs: Sequence[torch.Tensor], prompts_per_image: int) -> torch.Tensor:
+    """``block(cat(inputs, 1))`` for :func:`se_residual_block` with a projection skip, image-level
+    inputs (B rows) shared by their P prompts as in :func:`conv_of_concatenation`."""
+    conv1, skip = block.conv1, block.skip[0]
+    out = conv1.nonlin(conv1.norm(conv_of_concatenation(conv1.conv, inputs, prompts_per_image)))
+    out = block.squeeze_excitation(block.conv2(out))
+    out += skip.norm(conv_of_concatenation(skip.conv, inputs, prompts_per_image))
+    return block.nonlin2(out)
 
 
 def up_step(channels: int) -> nn.Sequential:
@@ -63,16 +95,29 @@ class PDMM(nn.Module):
     ) -> Union[torch.Tensor, List[torch.Tensor]]:
         """Image features of B images and (B·P)×D×G×G mask embeddings → (B·P)×K×4G×4G logits.
 
-        With deep supervision on, returns [4G output, 2G output].
+        With deep supervision on, returns [4G output, 2G output]. Each fusion block convolves the
+        image features once per image (:func:`se_block_of_concatenation`), not once per prompt;
+        without mask-embedding fusion the prompt does not reach PDMM and it runs once per image.
         """
-        shallow, middle, deep = (f.repeat_interleave(prompts_per_image, dim=0) for f in features)
+        if self.mask_embedding_fusion is None and prompts_per_image > 1:  # the prompt does not reach PDMM
+            outputs = self.decode(features, None)
+            if self.deep_supervision:
+                return [o.repeat_interleave(prompts_per_image, dim=0) for o in outputs]
+            return outputs.repeat_interleave(prompts_per_image, dim=0)
+        shallow, middle, deep = features
         if self.mask_embedding_fusion is not None:
-            deep = self.mask_embedding_fusion(torch.cat([deep, mask_embedding], dim=1))
-        x = self.decode_middle(torch.cat([self.up_middle(deep), middle], dim=1))
+            deep = self._fuse(self.mask_embedding_fusion, [deep, mask_embedding], prompts_per_image)
+        x = self._fuse(self.decode_middle, [self.up_middle(deep), middle], prompts_per_image)
         middle_logits = self.head_middle(x) if self.deep_supervision else None
-        x = self.decode_shallow(torch.cat([self.up_shallow(x), shallow], dim=1))
+        x = self._fuse(self.decode_shallow, [self.up_shallow(x), shallow], prompts_per_image)
         logits = self.head(x)
         return [logits, middle_logits] if self.deep_supervision else logits
+
+    @staticmethod
+    def _fuse(block: BasicBlockD, inputs: List[torch.Tensor], prompts_per_image: int) -> torch.Tensor:
+        if prompts_per_image == 1:
+            return block(torch.cat(inputs, dim=1))
+        return se_block_of_concatenation(block, inputs, prompts_per_image)
 
     def forward(
         self, taps: Sequence[torch.Tensor], mask_embedding: Optional[torch.Tensor] = None

@@ -5,7 +5,7 @@
 # installed into /tmp/site (use them when the machine has no torch, segment_anything, nnunetv2, ...).
 # Results go to $OUT (default benchmark_results/): benchmark_cuda.json, benchmark_cuda.txt (the
 # table), benchmark_cuda.log (progress and any traceback). Expected 2-4 minutes after the install;
-# the tests are capped at 90 s and the benchmark at 300 s (it writes its JSON after every row).
+# the tests (with the CUDA torch.compile check) are capped at 150 s and the benchmark at 300 s (it writes its JSON after every row).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmark_results}
@@ -21,9 +21,10 @@ fi
 nvidia-smi
 "$PYTHON" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'available:', torch.cuda.is_available())"
 
-echo "== CPU sanity tests"
+echo "== sanity tests (CPU) and torch.compile with inductor (CUDA)"
 start=$SECONDS
-timeout 90 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_desam_network.py tests/test_fast_attention.py
+timeout 150 "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/test_desam_network.py tests/test_fast_attention.py \
+    tests/test_ddp_and_compile.py::test_inductor_on_cuda_compiles_training_and_inference_like_nnunet
 tests_status=$?
 echo "tests: exit $tests_status in $((SECONDS - start)) s"
 

@@ -2,6 +2,7 @@
 
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -29,19 +30,19 @@ def segmentation_loss():
     return DeepSupervisionWrapper(dice_ce, (2 / 3, 1 / 3))
 
 
-def training_step(network, loss_function, settings, generator) -> torch.Tensor:
+def training_step(network, loss_function, settings, generator, device="cpu") -> torch.Tensor:
     """What nnUNetTrainerDeSAM does per iteration, on a random batch: DS outputs, Dice+CE, 10·MSE(IoU)."""
     target = torch.randint(0, 3, (2, 1, 64, 64), generator=generator)
-    targets = [target, target[:, :, ::2, ::2]]
-    x = torch.randn(2, 1, 64, 64, generator=generator)
+    x = torch.randn(2, 1, 64, 64, generator=generator).to(device)
     if settings.prompt_mode == "points" and settings.use_prim:
         points, iou_target = sample_training_points(target, 2, generator)
-        outputs, iou = network(x, points=points)
+        outputs, iou = network(x, points=points.to(device))
     else:
         outputs, iou = network(x), None
-    loss = loss_function(outputs, targets)
+    target = target.to(device)
+    loss = loss_function(outputs, [target, target[:, :, ::2, ::2]])
     if iou is not None:
-        loss = loss + 10 * torch.nn.functional.mse_loss(iou[:, 0], iou_target)
+        loss = loss + 10 * torch.nn.functional.mse_loss(iou[:, 0].float(), iou_target.to(device))
     return loss
 
 
@@ -103,3 +104,24 @@ def test_torch_compile_traces_training_and_inference(tiny_sam_checkpoint):
     x = torch.randn(1, 1, 64, 48)
     with torch.no_grad():
         assert torch.allclose(compiled.eval()(x), network.eval()(x), atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="nnU-Net compiles with inductor on CUDA only; run by scripts/gpu_check.sh")
+def test_inductor_on_cuda_compiles_training_and_inference_like_nnunet(tiny_sam_checkpoint):
+    """What nnU-Net does on a GPU by default (nnUNet_compile unset): torch.compile with inductor, under autocast."""
+    settings = DeSAMSettings(grid_size=3)
+    torch.manual_seed(0)
+    network = DeSAM.from_sam_checkpoint(tiny_sam_checkpoint, 1, 3, settings=settings).cuda()
+    compiled = torch.compile(network)
+    network.decoder.deep_supervision = True
+    loss_function = segmentation_loss()
+    with torch.autocast("cuda", dtype=torch.float16):
+        eager_loss = training_step(network.train(), loss_function, settings, torch.Generator().manual_seed(0), "cuda")
+        compiled_loss = training_step(compiled.train(), loss_function, settings, torch.Generator().manual_seed(0), "cuda")
+    assert torch.allclose(eager_loss, compiled_loss, atol=2e-2)
+    compiled_loss.backward()
+    assert all(p.grad is not None for p in network.parameters() if p.requires_grad)
+    network.decoder.deep_supervision = False
+    x = torch.randn(1, 1, 64, 48, device="cuda")
+    with torch.no_grad():
+        assert torch.equal(compiled.eval()(x).argmax(1), network.eval()(x).argmax(1))

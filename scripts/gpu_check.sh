@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The prepared GPU check (one H100): sanity tests on the CPU, then the CUDA benchmark with ViT-H.
 #
-# Run from the repository root of the copy on the GPU machine. Wheels carried along in .whl/ are
-# installed into /tmp/site (use them when the machine has no torch, segment_anything, nnunetv2, ...).
+# Run from the repository root of the copy on the GPU machine, with .whl carried along: the
+# packages its image lacks (nnunetv2, segment_anything, SimpleITK, ...), packed by
+# scripts/pack_gpu_site.sh, are unpacked into /tmp/site.
 # Results go to $OUT (default benchmark_results/): benchmark_cuda.json, benchmark_cuda.txt (the
 # table), benchmark_cuda.log (progress and any traceback). Expected 2-4 minutes after the install;
 # the tests (with the CUDA torch.compile check) are capped at 150 s and the benchmark at 300 s (it writes its JSON after every row).
@@ -12,8 +13,9 @@ OUT=${OUT:-benchmark_results}
 mkdir -p "$OUT"
 PYTHON=${PYTHON:-python3}
 
-if compgen -G ".whl/*.whl" > /dev/null; then
-    "$PYTHON" -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+if [ -f .whl/site-py312.tar.xz ]; then
+    mkdir -p /tmp/site && tar -C /tmp/site -xJf .whl/site-py312.tar.xz || exit
+    export PYTHONPATH=/tmp/site:$PWD
 else
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi

@@ -26,7 +26,7 @@ nvidia-smi
 echo "== sanity tests (CPU) and torch.compile with inductor (CUDA)"
 start=$SECONDS
 timeout 150 "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/test_desam_network.py tests/test_fast_attention.py \
-    tests/test_ddp_and_compile.py::test_inductor_on_cuda_compiles_training_and_inference_like_nnunet
+    'tests/test_ddp_and_compile.py::test_inductor_compiles_training_and_inference_like_nnunet[cuda]'
 tests_status=$?
 echo "tests: exit $tests_status in $((SECONDS - start)) s"
 

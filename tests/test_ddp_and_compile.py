@@ -1,6 +1,7 @@
 """DeSAM under nnU-Net's multi-GPU setting (DDP without unused parameters) and under torch.compile."""
 
 import socket
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -88,40 +89,32 @@ def test_training_steps_of_every_mode_run_under_two_process_gloo_ddp(tiny_sam_ch
         assert all(torch.allclose(first[k].float(), second[k].float(), atol=1e-6) for k in first), mode  # replicas in sync
 
 
-def test_torch_compile_traces_training_and_inference(tiny_sam_checkpoint):
-    """Grid-point DeSAM (the path with PRIM, the IoU head and prompt combination) under dynamo."""
-    settings = DeSAMSettings(grid_size=3)
-    torch.manual_seed(0)
-    network = DeSAM.from_sam_checkpoint(tiny_sam_checkpoint, 1, 3, settings=settings)
-    compiled = torch.compile(network, backend="aot_eager")
-    network.decoder.deep_supervision = True
-    loss_function = segmentation_loss()
-    eager_loss = training_step(network.train(), loss_function, settings, torch.Generator().manual_seed(0))
-    compiled_loss = training_step(compiled.train(), loss_function, settings, torch.Generator().manual_seed(0))
-    assert torch.allclose(eager_loss, compiled_loss, atol=1e-4)
-    compiled_loss.backward()
-    network.decoder.deep_supervision = False
-    x = torch.randn(1, 1, 64, 48)
-    with torch.no_grad():
-        assert torch.allclose(compiled.eval()(x), network.eval()(x), atol=1e-4)
+CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA; run by scripts/gpu_check.sh")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="nnU-Net compiles with inductor on CUDA only; run by scripts/gpu_check.sh")
-def test_inductor_on_cuda_compiles_training_and_inference_like_nnunet(tiny_sam_checkpoint):
-    """What nnU-Net does on a GPU by default (nnUNet_compile unset): torch.compile with inductor, under autocast."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA_ONLY)])
+def test_inductor_compiles_training_and_inference_like_nnunet(tiny_sam_checkpoint, device):
+    """torch.compile's default backend (inductor) on grid-point DeSAM, the path with PRIM, the IoU head
+    and prompt combination. nnU-Net compiles so on a GPU by default (nnUNet_compile unset) and trains
+    under fp16 autocast there; it never compiles on a CPU, where inductor still checks the same graph
+    (about 2.5 minutes on 2 cores, most of it C++ code generation)."""
     settings = DeSAMSettings(grid_size=3)
     torch.manual_seed(0)
-    network = DeSAM.from_sam_checkpoint(tiny_sam_checkpoint, 1, 3, settings=settings).cuda()
+    network = DeSAM.from_sam_checkpoint(tiny_sam_checkpoint, 1, 3, settings=settings).to(device)
     compiled = torch.compile(network)
     network.decoder.deep_supervision = True
     loss_function = segmentation_loss()
-    with torch.autocast("cuda", dtype=torch.float16):
-        eager_loss = training_step(network.train(), loss_function, settings, torch.Generator().manual_seed(0), "cuda")
-        compiled_loss = training_step(compiled.train(), loss_function, settings, torch.Generator().manual_seed(0), "cuda")
-    assert torch.allclose(eager_loss, compiled_loss, atol=2e-2)
+    precision = torch.autocast("cuda", dtype=torch.float16) if device == "cuda" else nullcontext()
+    with precision:
+        eager_loss = training_step(network.train(), loss_function, settings, torch.Generator().manual_seed(0), device)
+        compiled_loss = training_step(compiled.train(), loss_function, settings, torch.Generator().manual_seed(0), device)
+    assert torch.allclose(eager_loss, compiled_loss, atol=2e-2 if device == "cuda" else 1e-4)
     compiled_loss.backward()
     assert all(p.grad is not None for p in network.parameters() if p.requires_grad)
     network.decoder.deep_supervision = False
-    x = torch.randn(1, 1, 64, 48, device="cuda")
+    x = torch.randn(1, 1, 64, 48, device=device)
     with torch.no_grad():
-        assert torch.equal(compiled.eval()(x).argmax(1), network.eval()(x).argmax(1))
+        expected, actual = network.eval()(x), compiled.eval()(x)
+    assert torch.equal(actual.argmax(1), expected.argmax(1))
+    if device == "cpu":  # fp32 throughout; on CUDA kernel choices may differ in the last bits
+        assert torch.allclose(actual, expected, atol=1e-4)

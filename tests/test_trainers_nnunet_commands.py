@@ -131,6 +131,36 @@ def test_find_best_configuration_compares_desam_with_the_baseline_and_its_instru
         assert predicted == sorted(p.name for p in (root / "raw" / TARGET_NAME / "labelsTr").glob("*.nii.gz"))
 
 
+def test_predict_with_the_best_checkpoint_saves_probabilities_matching_the_segmentation(trained, tmp_path):
+    root, env, _ = trained
+    images = root / "raw" / TARGET_NAME / "imagesTr"
+    run(["nnUNetv2_predict", "-i", str(images), "-o", str(tmp_path), "-d", str(SOURCE), "-c", "2d", "-tr", "nnUNetTrainerDeSAM",
+         "-f", "0", "-chk", "checkpoint_best.pth", "--save_probabilities", "-device", "cpu"], env)
+    for case in sorted(images.glob("*_0000.nii.gz")):
+        name = case.name.replace("_0000.nii.gz", "")
+        probabilities = np.load(tmp_path / f"{name}.npz")["probabilities"]
+        segmentation = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f"{name}.nii.gz")))
+        assert probabilities.shape == (3, *segmentation.shape)
+        assert np.allclose(probabilities.sum(0), 1, atol=1e-3)
+        assert np.array_equal(probabilities.argmax(0), segmentation)
+
+
+def test_fine_tuning_from_pretrained_weights_starts_from_them_and_refuses_another_sam_file(trained, other_tiny_sam_checkpoint):
+    """nnUNetv2_train -pretrained_weights with a slim DeSAM checkpoint (SAM comes from DESAM_SAM_CHECKPOINT)."""
+    root, env, _ = trained
+    pretrained = fold_folder(root, "nnUNetTrainerDeSAM") / "checkpoint_final.pth"
+    command = ["nnUNetv2_train", str(SOURCE), "2d", "all", "-tr", "nnUNetTrainerDeSAM", "-device", "cpu", "-pretrained_weights", str(pretrained)]
+    refused = run(command, {**env, "DESAM_SAM_CHECKPOINT": str(other_tiny_sam_checkpoint)}, expect_success=False)
+    assert refused.returncode != 0
+    assert "were trained with SAM weights of fingerprint" in refused.stderr and "Traceback" not in refused.stderr
+    run(command, env)
+    start = torch.load(pretrained, map_location="cpu", weights_only=False)["network_weights"]
+    tuned = torch.load(pretrained.parent.parent / "fold_all" / "checkpoint_final.pth", map_location="cpu", weights_only=False)["network_weights"]
+    assert tuned.keys() == start.keys()
+    # two Adam steps at lr 1e-4 move each weight by at most ~2e-4; a fresh initialisation would be far off
+    assert max((tuned[k].float() - start[k].float()).abs().max().item() for k in start if start[k].is_floating_point()) < 1e-3
+
+
 def test_continue_training_after_the_end_reruns_validation_from_the_slim_checkpoint(trained):
     root, env, _ = trained
     result = run(["nnUNetv2_train", str(SOURCE), "2d", "0", "-tr", "nnUNetTrainerDeSAM", "-device", "cpu", "--c"], env)

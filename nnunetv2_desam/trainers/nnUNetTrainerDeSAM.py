@@ -6,6 +6,7 @@ nnU-Net imports this file as a top-level module from the folder named in ``nnUNe
 
 import os
 import sys
+import zlib
 
 import torch
 import torch.nn.functional as F
@@ -83,7 +84,7 @@ class nnUNetTrainerDeSAM(nnUNetTrainer):
         self.num_iterations_per_epoch = 100
         self.configuration_manager.configuration["batch_size"] = 8
         apply_budget_from_environment(self)
-        self.prompt_generator = torch.Generator().manual_seed(fold)
+        self.prompt_generator = torch.Generator().manual_seed(zlib.crc32(str(fold).encode()))  # fold may be 'all'
 
     @classmethod
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels, num_output_channels, enable_deep_supervision: bool = True) -> DeSAM:

@@ -13,8 +13,8 @@ Rows (each times its variants interleaved, repeat by repeat, and reports medians
   reference = ``fused_attention=False``; baseline = ``nnUNetTrainer.train_step`` on nnU-Net's 2d
   PlainConvUNet (SGD, deep supervision), as nnU-Net plans it for the patch.
 * ``grid_inference``: 9×9-grid inference of one slice, encoder included. ours = fused attention +
-  prompt-shared PDMM; reference = ``fused_attention=False, prompt_shared_decoding=False`` (PDMM once
-  per prompt, as the authors do). Checks that prompt-shared decoding gives the same segmentation.
+  prompt-shared PDMM, prompts in chunks of ``PROMPT_CHUNK_SIZE``; reference = ``fused_attention=False,
+  prompt_shared_decoding=False`` (PDMM once per prompt, as the authors do), all 81 prompts at once. Checks that prompt-shared decoding gives the same segmentation.
   Baseline: PlainConvUNet forward at batch 1.
 * ``predict_volume``: nnU-Net's sliding-window prediction (``nnUNetPredictor``) of a volume, test-time
   mirroring off and on (axes 0, 1), for DeSAM and for PlainConvUNet.
@@ -59,7 +59,7 @@ from segment_anything import sam_model_registry
 from torch import nn
 
 from nnunetv2_desam.experiments.synthetic import DEFAULT_DOMAINS, LABELS, synthetic_case
-from nnunetv2_desam.networks.desam import DeSAM
+from nnunetv2_desam.networks.desam import DeSAM, DeSAMSettings
 from nnunetv2_desam.networks.sam_checkpoint import SAMConfig, build_sam
 from nnunetv2_desam.trainers.nnUNetTrainerDeSAM import nnUNetTrainerDeSAM
 
@@ -304,9 +304,11 @@ class Setup:
 
     @cached_property
     def reference(self) -> DeSAM:
-        """segment_anything's attention, PDMM once per prompt; the same trainable weights as ``ours``."""
+        """segment_anything's attention, PDMM once per prompt, all grid prompts in one pass; the same
+        trainable weights as ``ours``."""
         log("building DeSAM (reference paths)")
-        network = DeSAM(self.sam_state_dict, 1, NUM_CLASSES, fused_attention=False, prompt_shared_decoding=False)
+        network = DeSAM(self.sam_state_dict, 1, NUM_CLASSES, fused_attention=False, prompt_shared_decoding=False,
+                        prompt_chunk_size=DeSAMSettings().grid_size ** 2)
         network.load_state_dict(self.ours.state_dict())
         return network.to(self.device)
 

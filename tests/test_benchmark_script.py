@@ -60,3 +60,15 @@ def test_correctness_checks_passed(report):
     assert grid["relative_error_vs_reference"] <= 1e-4
     assert rows["train_step"]["checks"]["losses_finite"]
     assert rows["predict_volume"]["checks"]["outputs_finite"]
+
+
+def test_grid_memory_benchmark_compares_chunk_sizes_in_fresh_processes(tmp_path):
+    output = tmp_path / "grid_memory.json"
+    script = SCRIPT.with_name("benchmark_grid_memory.py")
+    command = [sys.executable, str(script), "--device", "cpu", "--model", "tiny", "--settings", "3:9", "3:2", "--output", str(output)]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=SCRIPT.parents[1])
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    first, chunked = json.loads(output.read_text())["results"]
+    assert (first["grid"], first["chunk"], chunked["chunk"]) == (3, 9, 2)
+    assert chunked["same_segmentation_as_first"] and chunked["max_abs_difference_vs_first"] < 1e-5
+    assert all(r["peak_gib"] >= 0 and r["seconds"] > 0 for r in (first, chunked))

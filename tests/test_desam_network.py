@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from nnunetv2_desam.networks.desam import DeSAM, DeSAMSettings, channel_mixing_matrix
+from nnunetv2_desam.networks.desam import DeSAM, DeSAMSettings, channel_mixing_matrix, weighted_probability_sums
+from nnunetv2_desam.networks.prompts import grid_points
 from nnunetv2_desam.networks.pdmm import PDMM
 from nnunetv2_desam.networks.sam_checkpoint import SAMCheckpointError, SAMConfig, build_sam, load_sam_state_dict
 
@@ -201,18 +202,36 @@ def test_fused_encoder_attention_equals_segment_anything_attention(sam_state_dic
         assert (fused(x) - reference(x)).abs().max() < 1e-4
 
 
-def test_grid_prompts_are_combined_by_predicted_iou(sam_state_dict):
-    network = make_desam(sam_state_dict, classes=3)
+def test_grid_prompts_are_combined_by_predicted_iou():
     logits = torch.zeros(2, 3, 1, 1)  # one image, two prompts, three classes
     logits[0, 1] = 10.0  # prompt 0 says class 1
     logits[1, 2] = 10.0  # prompt 1 says class 2
     iou = torch.tensor([[[0.9, 0.1], [0.3, 0.6]]])  # per prompt: IoU for class 1, class 2
-    combined = network._combine(logits, iou, prompts_per_image=2).exp()[0, :, 0, 0]
+    numerator, denominator = weighted_probability_sums(logits, iou, prompts_per_image=2)
     p0, p1 = logits[0, :, 0, 0].softmax(0), logits[1, :, 0, 0].softmax(0)
     w = torch.tensor([[0.5, 0.9, 0.1], [0.45, 0.3, 0.6]])
-    expected = (w[0] * p0 + w[1] * p1) / w.sum(0)
-    assert torch.allclose(combined, expected, atol=1e-6)
-    assert torch.allclose(network._combine(logits, None, 2).exp()[0, :, 0, 0], (p0 + p1) / 2, atol=1e-6)
+    assert torch.allclose(numerator[0, :, 0, 0], w[0] * p0 + w[1] * p1, atol=1e-6)
+    assert torch.allclose(denominator[0, :, 0, 0], w.sum(0), atol=1e-6)
+    numerator, denominator = weighted_probability_sums(logits, None, 2)
+    assert torch.allclose((numerator / denominator)[0, :, 0, 0], (p0 + p1) / 2, atol=1e-6)
+
+
+@pytest.mark.parametrize("settings", [FULL, NO_IOU_HEAD], ids=["full", "no-iou-head"])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per-prompt"])
+def test_grid_prompts_in_chunks_equal_all_prompts_at_once(sam_state_dict, settings, shared):
+    """Chunks of 4 for a 5×5 grid (4, 4, …, 1): same log-probabilities, segmentation and IoUs."""
+    settings = DeSAMSettings(**{**settings.to_dict(), "grid_size": 5})
+    at_once = make_desam(sam_state_dict, settings=settings, prompt_shared_decoding=shared, prompt_chunk_size=25).eval()
+    in_chunks = make_desam(sam_state_dict, settings=settings, prompt_shared_decoding=shared, prompt_chunk_size=4).eval()
+    in_chunks.load_state_dict(at_once.state_dict())
+    x = torch.randn(2, 1, 96, 80)
+    points = grid_points(5, (96, 80)).expand(2, -1, -1)
+    with torch.no_grad():
+        assert (in_chunks(x) - at_once(x)).abs().max() < 1e-5
+        assert torch.equal(in_chunks(x).argmax(1), at_once(x).argmax(1))
+        (chunked_logits, chunked_iou), (logits, iou) = in_chunks(x, points=points), at_once(x, points=points)
+    assert (chunked_logits - logits).abs().max() < 1e-5
+    assert (chunked_iou is None and iou is None) or torch.allclose(chunked_iou, iou, atol=1e-6)
 
 
 def test_channel_mixing_maps_any_channel_count_to_rgb():

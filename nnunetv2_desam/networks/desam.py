@@ -49,6 +49,7 @@ SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 FROZEN_MODULES = ("image_encoder", "prompt_encoder")
 MIN_PROMPT_WEIGHT = 1e-3
+PROMPT_CHUNK_SIZE = 27  # grid prompts per PRIM/PDMM pass: a third of the paper's 9×9 grid
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,8 @@ class DeSAM(nn.Module):
     The two speed-ups keep their plain versions as test oracles and benchmark baselines:
     ``fused_attention`` (SDPA with the relative-position bias folded in, see ``fast_attention``;
     off = segment_anything's own attention) and ``prompt_shared_decoding`` (PDMM's image-only
-    branches run once per image, not once per grid prompt).
+    branches run once per image, not once per grid prompt). Grid prompts go through PRIM and
+    PDMM ``prompt_chunk_size`` at a time, which bounds memory for any grid size.
     """
 
     def __init__(
@@ -110,6 +112,7 @@ class DeSAM(nn.Module):
         settings: DeSAMSettings = DeSAMSettings(),
         prompt_shared_decoding: bool = True,
         fused_attention: bool = True,
+        prompt_chunk_size: int = PROMPT_CHUNK_SIZE,
     ):
         super().__init__()
         config = SAMConfig.from_state_dict(sam_state_dict)
@@ -117,6 +120,7 @@ class DeSAM(nn.Module):
         self.sam_config = config
         self.num_classes = num_classes
         self.prompt_shared_decoding = prompt_shared_decoding
+        self.prompt_chunk_size = prompt_chunk_size
         self.image_encoder = SAMBackbone(build_image_encoder(config), config.encoder_global_attn_indexes)
         self.image_encoder.encoder.load_state_dict(sub_state_dict(sam_state_dict, "image_encoder."))
         if fused_attention:
@@ -220,39 +224,65 @@ class DeSAM(nn.Module):
             taps, embedding = self.image_encoder(self.to_sam_input(x))
         iou = None
         if self.prim is None:
-            logits = self.decoder(taps)
-            prompts_per_image = 1
+            outputs = _as_list(self.decoder(taps))
         else:
             with torch.no_grad():
                 sparse, dense, prompts_per_image = self.encode_prompts(batch, (height, width), points, point_labels, boxes)
-            mask_embedding, iou = self.prim(embedding, self.prompt_encoder.get_dense_pe(), sparse, dense)
-            logits = self._decode(taps, mask_embedding, prompts_per_image)
-            if iou is not None:
-                iou = iou.view(batch, prompts_per_image, -1)
-        outputs = [self._combine(o, iou, prompts_per_image) for o in _as_list(logits)]
+            outputs, iou = self._decode_prompts(taps, embedding, sparse, dense, prompts_per_image)
         sizes = [(height, width), (round(height / 2), round(width / 2))]
         outputs = [F.interpolate(o, size=s, mode="bilinear", align_corners=False) for o, s in zip(outputs, sizes)]
         result = outputs if self.decoder.deep_supervision else outputs[0]
         return result if points is None and boxes is None else (result, iou)
 
-    def _decode(self, taps, mask_embedding, prompts_per_image):
-        """PDMM per prompt; image-only work is shared across prompts unless asked not to."""
+    def _decode_prompts(self, taps, embedding, sparse, dense, prompts_per_image: int) -> Tuple[List[torch.Tensor], Optional[torch.Tensor]]:
+        """PRIM + PDMM for P prompts per image → outputs (a list: [full] or [full, half]) and IoU B×P×(K-1) or None.
+
+        One prompt per image gives its logits. More are combined (module docstring) into
+        log-probabilities B×K×h×w, ``prompt_chunk_size`` prompts at a time, so that memory does not
+        grow with the grid: PRIM and PDMM hold (B·chunk)×D×G×G and (B·chunk)×D/4×4G×4G tensors.
+        """
+        batch = embedding.shape[0]
+        features = self.decoder.encode_taps(taps) if self.prompt_shared_decoding else None
+        dense_pe = self.prompt_encoder.get_dense_pe()
+        if prompts_per_image == 1:
+            mask_embedding, iou = self.prim(embedding, dense_pe, sparse, dense)
+            return _as_list(self._decode(taps, features, mask_embedding, 1)), None if iou is None else iou.view(batch, 1, -1)
+        sums, ious = None, []
+        for start in range(0, prompts_per_image, self.prompt_chunk_size):
+            chunk = slice(start, start + self.prompt_chunk_size)
+            chunk_sparse, chunk_dense = (t.unflatten(0, (batch, prompts_per_image))[:, chunk].flatten(0, 1) for t in (sparse, dense))
+            prompts = chunk_sparse.shape[0] // batch
+            mask_embedding, iou = self.prim(embedding, dense_pe, chunk_sparse, chunk_dense)
+            iou = None if iou is None else iou.view(batch, prompts, -1)
+            logits = _as_list(self._decode(taps, features, mask_embedding, prompts))
+            chunk_sums = [weighted_probability_sums(o, iou, prompts) for o in logits]
+            sums = chunk_sums if sums is None else [(n + cn, d + cd) for (n, d), (cn, cd) in zip(sums, chunk_sums)]
+            ious.append(iou)
+        outputs = [(numerator / denominator).clamp_min(1e-8).log() for numerator, denominator in sums]
+        return outputs, None if ious[0] is None else torch.cat(ious, dim=1)
+
+    def _decode(self, taps, features, mask_embedding, prompts_per_image):
+        """PDMM per prompt; image-only ``features`` (PDMM.encode_taps) are shared across prompts, or
+        with ``prompt_shared_decoding`` off the taps are repeated for every prompt."""
         if self.prompt_shared_decoding:
-            return self.decoder.decode(self.decoder.encode_taps(taps), mask_embedding, prompts_per_image)
+            return self.decoder.decode(features, mask_embedding, prompts_per_image)
         repeated_taps = [t.repeat_interleave(prompts_per_image, dim=0) for t in taps]
         return self.decoder(repeated_taps, mask_embedding)
 
-    def _combine(self, logits: torch.Tensor, iou: Optional[torch.Tensor], prompts_per_image: int) -> torch.Tensor:
-        """(B·P)×K×h×w per-prompt logits → B×K×h×w (log-probabilities when P > 1)."""
-        if prompts_per_image == 1:
-            return logits
-        probabilities = logits.float().softmax(1).unflatten(0, (-1, prompts_per_image))  # B×P×K×h×w
-        if iou is None:
-            return probabilities.mean(1).clamp_min(1e-8).log()
+
+def weighted_probability_sums(logits: torch.Tensor, iou: Optional[torch.Tensor], prompts_per_image: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(B·P)×K×h×w logits of P prompts per image → Σ_i w_i·softmax(z_i) (B×K×h×w) and Σ_i w_i (B×K×1×1).
+
+    w_ik = clamp(IoU_ik, 1e-3, 1) for foreground class k, their mean for the background; 1 without IoU.
+    """
+    probabilities = logits.float().softmax(1).unflatten(0, (-1, prompts_per_image))  # B×P×K×h×w
+    if iou is None:
+        weights = probabilities.new_ones(probabilities.shape[:3])
+    else:
         foreground = iou.float().clamp(MIN_PROMPT_WEIGHT, 1.0)  # B×P×(K-1)
-        weights = torch.cat([foreground.mean(-1, keepdim=True), foreground], dim=-1)[..., None, None]
-        combined = (weights * probabilities).sum(1) / weights.sum(1)
-        return combined.clamp_min(1e-8).log()
+        weights = torch.cat([foreground.mean(-1, keepdim=True), foreground], dim=-1)
+    weights = weights[..., None, None]
+    return (weights * probabilities).sum(1), weights.sum(1)
 
 
 def _as_list(outputs) -> List[torch.Tensor]:

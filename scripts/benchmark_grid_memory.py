@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import GIB, REPOSITORY, machine_info, random_sam_state_dict  # noqa: E402
+from benchmark import GIB, MODELS, REPOSITORY, machine_info, random_sam_state_dict  # noqa: E402
 
 from nnunetv2_desam.networks.desam import DeSAM, DeSAMSettings  # noqa: E402
 
@@ -119,7 +119,7 @@ def grid_and_chunk(text: str) -> tuple:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--model", default="vit_b", help="SAM size with random weights (vit_b, vit_l, vit_h, small, tiny)")
+    parser.add_argument("--model", choices=MODELS, default="vit_b", help="SAM size, random weights (default: vit_b)")
     parser.add_argument("--settings", nargs="+", type=grid_and_chunk, default=[(9, 81), (9, 27), (9, 9), (16, 27)],
                         metavar="GRID:CHUNK", help="grid size and prompts per pass (default: 9:81 9:27 9:9 16:27)")
     parser.add_argument("--output", type=Path, help="JSON file (default: benchmark_results/grid_memory_<device>.json)")

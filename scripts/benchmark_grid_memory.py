@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import GIB, MODELS, REPOSITORY, machine_info, random_sam_state_dict  # noqa: E402
+from benchmark import GIB, MODELS, REPOSITORY, autocast, machine_info, nnunet_dtype, random_sam_state_dict  # noqa: E402
 
 from nnunetv2_desam.networks.desam import DeSAM, DeSAMSettings  # noqa: E402
 
@@ -55,7 +55,6 @@ def measure_one(model: str, device: torch.device, grid: int, chunk: int, logits_
     network.decoder.deep_supervision = False
     del state_dict
     x = torch.randn(1, 1, *SLICE, generator=torch.Generator().manual_seed(1)).to(device)
-    autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -63,7 +62,7 @@ def measure_one(model: str, device: torch.device, grid: int, chunk: int, logits_
     else:
         before = reset_resident_peak()
     start = time.perf_counter()
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), autocast(device, nnunet_dtype(device)):
         logits = network(x)
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -7,7 +7,7 @@
 # lacks, at the versions this project is tested with. acvl-utils has no wheel on the registry and is
 # built from its pure-Python sdist. The wheels (~67 MB, SimpleITK alone 53 MB) are over what may
 # travel to that machine (64 MiB), so they are installed into a folder here with a Python 3.12 and
-# that folder is xz-compressed (~35 MB). Run from the repository root; .whl/ is git-ignored.
+# that folder is xz-compressed (~38 MB). Run from the repository root; .whl/ is git-ignored.
 #   PYTHON312=/path/to/python3.12 bash scripts/pack_gpu_site.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."

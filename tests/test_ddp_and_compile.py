@@ -97,7 +97,7 @@ def test_inductor_compiles_training_and_inference_like_nnunet(tiny_sam_checkpoin
     """torch.compile's default backend (inductor) on grid-point DeSAM, the path with PRIM, the IoU head
     and prompt combination. nnU-Net compiles so on a GPU by default (nnUNet_compile unset) and trains
     under fp16 autocast there; it never compiles on a CPU, where inductor still checks the same graph
-    (about 2.5 minutes on 2 cores, most of it C++ code generation)."""
+    (about 3 minutes on 2 cores with a cold cache, most of it C++ code generation)."""
     settings = DeSAMSettings(grid_size=3)
     torch.manual_seed(0)
     network = DeSAM.from_sam_checkpoint(tiny_sam_checkpoint, 1, 3, settings=settings).to(device)

@@ -1,5 +1,5 @@
 """nnunetv2-desam. Besides the package, every install (wheel or editable) puts ``nnunetv2_desam.pth`` into
-site-packages: it registers the trainers with nnU-Net at interpreter start (nnunetv2_desam/nnunet_registration.py)."""
+site-packages: it puts the trainers on nnU-Net's search path at interpreter start (nnunetv2_desam/trainer_search_path.py)."""
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -50,7 +50,7 @@ setup(
     cmdclass={"build_py": BuildPyWithPth, "editable_wheel": EditableWheelWithPth},
     entry_points={
         "console_scripts": [
-            "nnUNetv2_desam_trainer_path = nnunetv2_desam.registration:trainer_path_entry_point",
+            "nnUNetv2_desam_trainer_path = nnunetv2_desam.trainer_search_path:main",
             "nnUNetv2_desam_convert_prostate = nnunetv2_desam.experiments.convert_prostate:main",
             "nnUNetv2_desam_convert_abdominal = nnunetv2_desam.experiments.convert_abdominal:main",
             "nnUNetv2_desam_crossdomain = nnunetv2_desam.experiments.crossdomain:main",

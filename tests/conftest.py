@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from nnunetv2_desam.networks.sam_checkpoint import write_random_sam_checkpoint
+from nnunetv2_desam.experiments.random_sam_checkpoint import write_random_sam_checkpoint
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -6,7 +6,8 @@ import torch
 from nnunetv2_desam.networks.desam import DeSAM, DeSAMSettings, channel_mixing_matrix, weighted_probability_sums
 from nnunetv2_desam.networks.prompts import grid_points
 from nnunetv2_desam.networks.pdmm import PDMM
-from nnunetv2_desam.networks.sam_checkpoint import SAMCheckpointError, SAMConfig, build_sam, load_sam_state_dict
+from nnunetv2_desam.errors import SAMCheckpointError
+from nnunetv2_desam.networks.sam_checkpoint import SAMConfig, build_sam, load_sam_state_dict
 
 FULL = DeSAMSettings()
 BOX = DeSAMSettings(prompt_mode="box", use_iou_head=False)

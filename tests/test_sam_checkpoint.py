@@ -4,14 +4,9 @@ import pytest
 import torch
 from segment_anything import sam_model_registry
 
-from nnunetv2_desam.networks.sam_checkpoint import (
-    SAMCheckpointError,
-    SAMConfig,
-    build_sam,
-    load_sam_state_dict,
-    sam_fingerprint,
-    write_random_sam_checkpoint,
-)
+from nnunetv2_desam.errors import SAMCheckpointError
+from nnunetv2_desam.experiments.random_sam_checkpoint import write_random_sam_checkpoint
+from nnunetv2_desam.networks.sam_checkpoint import SAMConfig, build_sam, load_sam_state_dict, sam_fingerprint
 
 
 @pytest.mark.parametrize(

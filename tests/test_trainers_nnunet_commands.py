@@ -13,6 +13,7 @@ import torch
 from nnunetv2_desam.experiments.splits import write_source_split
 from nnunetv2_desam.networks.sam_checkpoint import load_sam_state_dict, sam_fingerprint
 from nnunetv2_desam.experiments.synthetic import DEFAULT_DOMAINS, write_synthetic_dataset
+from nnunetv2_desam.errors import ConfigurationError
 from nnunetv2_desam.trainers.nnUNetTrainerDeSAM import nnUNetTrainerDeSAM
 from tests.commands import run
 
@@ -215,7 +216,7 @@ def make_trainer(root: Path, labels: dict, **extra):
 
 def test_region_based_datasets_are_refused(workspace):
     root, _ = workspace
-    with pytest.raises(SystemExit, match="region-based datasets are not supported"):
+    with pytest.raises(ConfigurationError, match="region-based datasets are not supported"):
         make_trainer(root, {"background": 0, "both": [1, 2], "organ_b": 2}, regions_class_order=[1, 2])
 
 

@@ -22,15 +22,18 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import importlib
 import json
 import math
 import os
+import pkgutil
 import shlex
 import shutil
 import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from functools import lru_cache
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -47,9 +50,14 @@ from nnunetv2_desam.experiments.scoring import dice_per_case_from_summary, score
 from nnunetv2_desam.experiments.splits import (DEFAULT_SEED, SPLITS_FILE, SplitError,
                                                compute_source_split, write_source_split)
 from nnunetv2_desam.networks.desam import DeSAMSettings
-from nnunetv2_desam.registration import GRID_SIZE_VARIABLE, SAM_CHECKPOINT_VARIABLE, environment_with_trainers
-from nnunetv2_desam.trainers import nnUNetTrainerDeSAM as desam_trainers
-from nnunetv2_desam.trainers.nnUNetTrainerDeSAM import BUDGET_VARIABLES
+from nnunetv2_desam.console import run_console_command
+from nnunetv2_desam.environment_variables import (BUDGET_VARIABLES, GRID_SIZE_VARIABLE, SAM_CHECKPOINT_VARIABLE,
+                                                  positive_int, positive_int_from_environment)
+from nnunetv2_desam.errors import ConfigurationError, ExperimentError, StepFailed
+from nnunetv2_desam.trainer_search_path import environment_with_trainers
+from nnunetv2_desam.trainers.nnUNetTrainerBudget import nnUNetTrainerBudget
+from nnunetv2_desam.trainers.nnUNetTrainerDeSAM import nnUNetTrainerDeSAM
+from nnunetv2_desam import trainers as trainers_package
 
 PROG = "nnUNetv2_desam_crossdomain"
 CONFIGURATION = "2d"
@@ -73,7 +81,7 @@ METHOD_NAMES = {
 PROTOCOLS = {"whole-volume": report.PROTOCOL_WHOLE_VOLUME, "foreground-slices": report.PROTOCOL_FOREGROUND_SLICES}
 SCORE_FILES = {"whole-volume": "summary.json", "foreground-slices": "foreground_slices.json"}
 NNUNET_FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
-BUDGET_OPTIONS = {  # command-line option -> trainer attribute (its variable: desam_trainers.BUDGET_VARIABLES)
+BUDGET_OPTIONS = {  # command-line option -> trainer attribute (its variable: BUDGET_VARIABLES)
     "epochs": "num_epochs",
     "iterations_per_epoch": "num_iterations_per_epoch",
     "val_iterations": "num_val_iterations_per_epoch",
@@ -81,14 +89,6 @@ BUDGET_OPTIONS = {  # command-line option -> trainer attribute (its variable: de
 STAMP_FILE = "desam_prediction.json"
 UPPER_BOUND_KEY = "upper_bound"
 UPPER_BOUND_NAME = "Upper bound"
-
-
-class ExperimentError(Exception):
-    """A problem the user can fix before anything runs; printed as one line, exit status 2."""
-
-
-class StepFailed(Exception):
-    """A subprocess failed; the message names the step, the command and its log. Exit status 1."""
 
 
 @dataclass(frozen=True)
@@ -274,9 +274,10 @@ Datasets are given by id (901) or name (Dataset901_SiteA).""",
 
 
 def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
+    try:
+        return positive_int(text, "the value")
+    except ConfigurationError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def build_experiment(args: argparse.Namespace, environment: Mapping[str, str], notes: Sequence[str] = ()) -> Experiment:
@@ -287,8 +288,7 @@ def build_experiment(args: argparse.Namespace, environment: Mapping[str, str], n
                               f"raw, preprocessed and results folders")
     environment = environment_with_trainers(environment)
     environment.setdefault("nnUNet_def_n_proc", str(min(8, os.cpu_count() or 1)))
-    if not environment["nnUNet_def_n_proc"].isdigit() or int(environment["nnUNet_def_n_proc"]) < 1:
-        raise ExperimentError(f"nnUNet_def_n_proc must be a positive integer, got {environment['nnUNet_def_n_proc']!r}")
+    positive_int(environment["nnUNet_def_n_proc"], "nnUNet_def_n_proc")
     environment["PYTHONUNBUFFERED"] = "1"
     raw = Path(environment["nnUNet_raw"])
     source = resolve_dataset(args.source, raw)
@@ -303,7 +303,7 @@ def build_experiment(args: argparse.Namespace, environment: Mapping[str, str], n
     classes = {trainer: find_trainer_class(trainer, environment) for trainer in trained}
     if args.grid_sizes and DESAM_P not in trainers:
         raise ExperimentError(f"--grid-sizes needs DeSAM-P ({DESAM_P}) among the trainers")
-    if any(issubclass(cls, desam_trainers.nnUNetTrainerDeSAM) for cls in classes.values()):
+    if any(issubclass(cls, nnUNetTrainerDeSAM) for cls in classes.values()):
         check_sam_checkpoint(environment)
     experiment = Experiment(
         source=source, targets=targets, trainers=trainers, baseline=baseline, upper_bound=args.upper_bound,
@@ -383,12 +383,9 @@ def resolve_budget(args: argparse.Namespace, environment: Mapping[str, str]) -> 
     """``{trainer attribute: value}`` of the budget: the options, else DESAM_* already in the environment."""
     budget = {}
     for option, attribute in BUDGET_OPTIONS.items():
-        variable, value = BUDGET_VARIABLES[attribute], getattr(args, option)
-        if value is None and environment.get(variable):
-            text = environment[variable]
-            if not text.isdigit() or int(text) < 1:
-                raise ExperimentError(f"{variable} must be a positive integer, got {text!r}")
-            value = int(text)
+        value = getattr(args, option)
+        if value is None:
+            value = positive_int_from_environment(BUDGET_VARIABLES[attribute], environment)
         if value is not None:
             budget[attribute] = value
     return budget
@@ -396,8 +393,8 @@ def resolve_budget(args: argparse.Namespace, environment: Mapping[str, str]) -> 
 
 def find_trainer_class(trainer: str, environment: Mapping[str, str]) -> type:
     """The trainer class, looked up as nnU-Net's commands will: this package, nnunetv2, then nnUNet_extTrainer."""
-    cls = getattr(desam_trainers, trainer, None)
-    if isinstance(cls, type) and issubclass(cls, nnUNetTrainer):
+    cls = package_trainer_classes().get(trainer)
+    if cls is not None:
         return cls
     with _extra_trainer_folders(environment["nnUNet_extTrainer"]):
         try:
@@ -405,6 +402,18 @@ def find_trainer_class(trainer: str, environment: Mapping[str, str]) -> type:
         except RuntimeError:
             raise ExperimentError(f"unknown trainer {trainer!r}: not in nnunetv2_desam, nnunetv2 or the folders "
                                   f"of nnUNet_extTrainer") from None
+
+
+@lru_cache(maxsize=None)
+def package_trainer_classes() -> dict[str, type]:
+    """``{name: class}`` of every nnU-Net trainer in ``nnunetv2_desam.trainers``, imported under the package's name
+    (nnU-Net's own search imports them as top-level modules, whose classes are other objects)."""
+    classes = {}
+    for module_info in pkgutil.iter_modules(trainers_package.__path__):
+        module = importlib.import_module(f"{trainers_package.__name__}.{module_info.name}")
+        classes.update({name: value for name, value in vars(module).items()
+                        if isinstance(value, type) and issubclass(value, nnUNetTrainer) and value is not nnUNetTrainer})
+    return classes
 
 
 @contextmanager
@@ -432,20 +441,17 @@ def check_sam_checkpoint(environment: Mapping[str, str]) -> None:
 
 def main_grid_size(environment: Mapping[str, str]) -> int:
     """The grid DeSAM-P predicts with: DESAM_GRID_SIZE, else the paper's 9×9."""
-    text = environment.get(GRID_SIZE_VARIABLE) or str(DeSAMSettings.grid_size)
-    if not text.isdigit() or int(text) < 1:
-        raise ExperimentError(f"{GRID_SIZE_VARIABLE} must be a positive integer, got {text!r}")
-    return int(text)
+    return positive_int_from_environment(GRID_SIZE_VARIABLE, environment) or DeSAMSettings.grid_size
 
 
 def uses_point_grid(trainer: str) -> bool:
     """Whether DESAM_GRID_SIZE changes this trainer's predictions (point prompts through PRIM)."""
-    settings = getattr(getattr(desam_trainers, trainer, None), "desam_settings", None)
+    settings = getattr(package_trainer_classes().get(trainer), "desam_settings", None)
     return settings is not None and settings.prompt_mode == "points" and settings.use_prim
 
 
 def honours_budget(cls: type) -> bool:
-    return issubclass(cls, (desam_trainers.nnUNetTrainerBudget, desam_trainers.nnUNetTrainerDeSAM))
+    return issubclass(cls, (nnUNetTrainerBudget, nnUNetTrainerDeSAM))
 
 
 def training_record(folder: Path) -> dict:
@@ -881,24 +887,11 @@ def run_experiment(argv: Sequence[str] | None, environment: Mapping[str, str], n
     return experiment
 
 
-def report_errors(run: Callable[[], object], prog: str = PROG) -> int:
-    """Run ``run``; turn the user-facing errors into one line on stderr and an exit status."""
-    try:
-        run()
-    except ExperimentError as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        return 2
-    except StepFailed as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"\n{prog}: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
-    return 0
+RESUME_HINT = "run the same command again to resume"
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    sys.exit(report_errors(lambda: run_experiment(argv, dict(os.environ))))
+    sys.exit(run_console_command(PROG, lambda: run_experiment(argv, dict(os.environ)), RESUME_HINT))
 
 
 if __name__ == "__main__":

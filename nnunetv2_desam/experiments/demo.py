@@ -24,8 +24,10 @@ from typing import Sequence
 
 from nnunetv2_desam.experiments import crossdomain
 from nnunetv2_desam.experiments.synthetic import DEFAULT_DOMAINS, write_synthetic_domains
-from nnunetv2_desam.networks.sam_checkpoint import write_random_sam_checkpoint
-from nnunetv2_desam.registration import SAM_CHECKPOINT_VARIABLE
+from nnunetv2_desam.console import run_console_command
+from nnunetv2_desam.environment_variables import SAM_CHECKPOINT_VARIABLE
+from nnunetv2_desam.errors import ExperimentError
+from nnunetv2_desam.experiments.random_sam_checkpoint import write_random_sam_checkpoint
 
 PROG = "nnUNetv2_desam_demo"
 FIRST_ID = 901
@@ -44,7 +46,7 @@ DISCLAIMER = (
 )
 
 
-class DemoError(crossdomain.ExperimentError):
+class DemoError(ExperimentError):
     """A demo folder that cannot be used; printed as one line."""
 
 
@@ -156,7 +158,7 @@ def run_demo(argv: Sequence[str] | None = None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    sys.exit(crossdomain.report_errors(lambda: run_demo(argv), prog=PROG))
+    sys.exit(run_console_command(PROG, lambda: run_demo(argv), crossdomain.RESUME_HINT))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 The official files (``sam_vit_b_01ec64.pth``, ``sam_vit_l_0b3195.pth``, ``sam_vit_h_4b8939.pth``)
 are plain state dicts of segment_anything's ``Sam``. Everything DeSAM needs to rebuild the
 encoder, prompt encoder and PRIM is read off the tensor shapes, timm-style, so one loader serves
-ViT-B/L/H and the tiny random checkpoints the tests write with :func:`write_random_sam_checkpoint`.
+ViT-B/L/H and the tiny random checkpoints that the tests and the demo write
+(:mod:`nnunetv2_desam.experiments.random_sam_checkpoint`).
 """
 
 import hashlib
@@ -16,6 +17,8 @@ from typing import Dict, Tuple
 
 import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+from nnunetv2_desam.errors import SAMCheckpointError
 
 OFFICIAL_CHECKPOINT_URLS = {
     "vit_b": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
@@ -40,10 +43,6 @@ _REQUIRED_KEYS = (
     "mask_decoder.transformer.layers.0.cross_attn_token_to_image.q_proj.weight",
     "mask_decoder.iou_prediction_head.layers.0.weight",
 )
-
-
-class SAMCheckpointError(ValueError):
-    """A SAM checkpoint that is missing, unreadable or not in the official layout (one-line message)."""
 
 
 @dataclass(frozen=True)
@@ -209,38 +208,3 @@ def sam_fingerprint(state_dict: Dict[str, torch.Tensor]) -> str:
 def sub_state_dict(state_dict: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
     """Entries under ``prefix`` with the prefix removed."""
     return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-
-
-def write_random_sam_checkpoint(
-    path: str,
-    img_size: int = 128,
-    embed_dim: int = 32,
-    depth: int = 8,
-    num_heads: int = 2,
-    window_size: int = 4,
-    global_attn_indexes: Tuple[int, ...] = (1, 3, 5, 7),
-    prompt_embed_dim: int = 32,
-    transformer_mlp_dim: int = 64,
-    seed: int = 0,
-) -> SAMConfig:
-    """Write a small SAM with random weights in the official key layout (tests and the demo).
-
-    The relative-position tables are randomised too (SAM zero-initialises them, which would hide
-    errors in how they are used).
-    """
-    config = SAMConfig(
-        img_size=img_size, patch_size=16, encoder_embed_dim=embed_dim, encoder_depth=depth,
-        encoder_num_heads=num_heads, encoder_mlp_ratio=4.0, encoder_window_size=window_size,
-        encoder_global_attn_indexes=tuple(global_attn_indexes), prompt_embed_dim=prompt_embed_dim,
-        mask_in_chans=16, num_mask_tokens=4, transformer_depth=2, transformer_mlp_dim=transformer_mlp_dim,
-        attention_downsample_rate=2, iou_head_depth=3, iou_head_hidden_dim=prompt_embed_dim,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        sam = build_sam(config)
-        with torch.no_grad():
-            for name, parameter in sam.named_parameters():
-                if "rel_pos" in name or "pos_embed" in name:
-                    parameter.normal_(std=0.1)
-    torch.save(sam.state_dict(), path)
-    return config

@@ -1,71 +1,36 @@
-"""nnU-Net trainers for DeSAM (grid points, whole box) and the paper's Table 1 ablations.
+"""DeSAM-P as an nnU-Net trainer: random point prompts in training, a grid of points at inference.
 
-nnU-Net imports this file as a top-level module from the folder named in ``nnUNet_extTrainer``
-(``nnUNetv2_desam_trainer_path`` prints it), so everything else is imported absolutely.
+nnU-Net imports this file as a top-level module from the folder in ``nnUNet_extTrainer``, so the
+rest of the package is imported absolutely.
 """
 
 import os
-import sys
 import zlib
 
 import torch
 import torch.nn.functional as F
 from torch import autocast
 
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
-from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 
+from nnunetv2_desam.console import report_desam_errors_in_one_line
+from nnunetv2_desam.environment_variables import apply_training_overrides, grid_size_from_environment, sam_checkpoint_path
+from nnunetv2_desam.errors import ConfigurationError
 from nnunetv2_desam.networks.desam import DeSAM, DeSAMSettings
 from nnunetv2_desam.networks.prompts import sample_training_points
-from nnunetv2_desam.networks.sam_checkpoint import SAMCheckpointError
-from nnunetv2_desam.registration import (
-    DeSAMUsageError,
-    grid_size_from_environment,
-    positive_int_from_environment,
-    sam_checkpoint_path,
-)
 
-
-def _report_sam_checkpoint_errors_in_one_line(exc_type, exc, tb, previous_hook=sys.excepthook):
-    """nnUNetv2_predict loads our weights itself: show a SAM mismatch as one line, not a traceback."""
-    if issubclass(exc_type, SAMCheckpointError):
-        print(f"nnunetv2-desam: {exc}", file=sys.stderr)
-    else:
-        previous_hook(exc_type, exc, tb)
-
-
-sys.excepthook = _report_sam_checkpoint_errors_in_one_line
-
-BUDGET_VARIABLES = {
-    "num_epochs": "DESAM_EPOCHS",
-    "num_iterations_per_epoch": "DESAM_ITERATIONS_PER_EPOCH",
-    "num_val_iterations_per_epoch": "DESAM_VAL_ITERATIONS_PER_EPOCH",
-}
-
-
-def apply_budget_from_environment(trainer: nnUNetTrainer) -> None:
-    """Shorten (or lengthen) a training with DESAM_EPOCHS / _ITERATIONS_PER_EPOCH / _VAL_ITERATIONS_PER_EPOCH."""
-    for attribute, variable in BUDGET_VARIABLES.items():
-        value = positive_int_from_environment(variable)
-        if value is not None:
-            setattr(trainer, attribute, value)
-
-
-class nnUNetTrainerBudget(nnUNetTrainer):
-    """The stock nnU-Net trainer, with the DESAM_* budget variables honoured (the fair baseline for short runs)."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict, device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        apply_budget_from_environment(self)
+PAPER_BATCH_SIZE = 8
 
 
 class nnUNetTrainerDeSAM(nnUNetTrainer):
-    """DeSAM-P: random point prompts in training, a 9×9 grid at inference; Dice + CE + 10·MSE(IoU).
+    """DeSAM-P: one random point per sample in training, a 9×9 grid at inference; Dice + CE + 10·MSE(IoU).
 
     Paper settings: Adam, lr 1e-4, batch 8, poly decay, only PRIM/PDMM in the optimizer. Budget:
     50 epochs × 100 iterations = 5,000 iterations at batch 8, about 1.3× the paper's ~3.8 k; the
     paper trains on fixed precomputed slices, here every sample is freshly augmented by nnU-Net.
+    ``DESAM_EPOCHS`` and friends and ``DESAM_BATCH_SIZE`` override budget and batch size.
     """
 
     desam_settings = DeSAMSettings(prompt_mode="points")
@@ -73,29 +38,29 @@ class nnUNetTrainerDeSAM(nnUNetTrainer):
     deep_supervision_weights = (2.0 / 3.0, 1.0 / 3.0)
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict, device: torch.device = torch.device("cuda")):
+        report_desam_errors_in_one_line()
         super().__init__(plans, configuration, fold, dataset_json, device)
         if len(self.configuration_manager.patch_size) != 2:
-            raise DeSAMUsageError(f"DeSAM is a 2D method, use -c 2d (got configuration '{configuration}')")
+            raise ConfigurationError(f"DeSAM is a 2D method, use -c 2d (got configuration '{configuration}')")
         if self.label_manager.has_regions:
-            raise DeSAMUsageError("region-based datasets are not supported by DeSAM's softmax PDMM; use plain labels")
+            raise ConfigurationError("region-based datasets are not supported by DeSAM's softmax PDMM; use plain labels")
         self.initial_lr = 1e-4
         self.weight_decay = 0.0
         self.num_epochs = 50
         self.num_iterations_per_epoch = 100
-        self.configuration_manager.configuration["batch_size"] = 8
-        apply_budget_from_environment(self)
-        self.prompt_generator = torch.Generator().manual_seed(zlib.crc32(str(fold).encode()))  # fold may be 'all'
+        self.configuration_manager.configuration["batch_size"] = PAPER_BATCH_SIZE
+        apply_training_overrides(self)
+        # fold may be 'all'; every DDP rank draws its own prompts
+        self.prompt_generator = torch.Generator().manual_seed(zlib.crc32(str(fold).encode()) + self.local_rank)
 
     @classmethod
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels, num_output_channels, enable_deep_supervision: bool = True) -> DeSAM:
         """The SAM file comes from DESAM_SAM_CHECKPOINT (called by the trainer and by nnUNetv2_predict)."""
+        report_desam_errors_in_one_line()
         if len(configuration_manager.patch_size) != 2:
-            raise DeSAMUsageError("DeSAM is a 2D method, use -c 2d")
+            raise ConfigurationError("DeSAM is a 2D method, use -c 2d")
         settings = DeSAMSettings(**{**cls.desam_settings.to_dict(), "grid_size": grid_size_from_environment(cls.desam_settings.grid_size)})
-        try:
-            network = DeSAM.from_sam_checkpoint(sam_checkpoint_path(), num_input_channels, num_output_channels, settings=settings)
-        except SAMCheckpointError as error:
-            raise DeSAMUsageError(str(error)) from None
+        network = DeSAM.from_sam_checkpoint(sam_checkpoint_path(), num_input_channels, num_output_channels, settings=settings)
         network.decoder.deep_supervision = enable_deep_supervision
         return network
 
@@ -161,30 +126,3 @@ class nnUNetTrainerDeSAM(nnUNetTrainer):
             checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
             checkpoint["optimizer_state"]["state"] = {}
             torch.save(checkpoint, filename)
-
-
-class nnUNetTrainerDeSAM_Box(nnUNetTrainerDeSAM):
-    """DeSAM-B: the whole image as the box prompt, in training and inference; Dice + CE."""
-
-    desam_settings = DeSAMSettings(prompt_mode="box", use_iou_head=False)
-
-    def train_step(self, batch: dict) -> dict:
-        return nnUNetTrainer.train_step(self, batch)
-
-
-class nnUNetTrainerDeSAM_PDMMOnly(nnUNetTrainerDeSAM_Box):
-    """Table 1, setting 1: PDMM on the encoder taps alone, no PRIM (no prompts at all)."""
-
-    desam_settings = DeSAMSettings(prompt_mode="points", use_prim=False, use_iou_head=False, fuse_mask_embedding=False)
-
-
-class nnUNetTrainerDeSAM_NoIoUHead(nnUNetTrainerDeSAM):
-    """Table 1, setting 2: PRIM + PDMM with mask-embedding fusion, without the IoU head (grid prompts averaged)."""
-
-    desam_settings = DeSAMSettings(prompt_mode="points", use_iou_head=False)
-
-
-class nnUNetTrainerDeSAM_NoMEF(nnUNetTrainerDeSAM):
-    """Table 1, setting 3: PRIM + PDMM with the IoU head, without mask-embedding fusion."""
-
-    desam_settings = DeSAMSettings(prompt_mode="points", fuse_mask_embedding=False)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from nnunetv2_desam.nnunet_registration import TRAINERS_FOLDER
-from nnunetv2_desam.registration import trainer_path_entry_point
+from nnunetv2_desam.trainer_search_path import TRAINERS_FOLDER
+from nnunetv2_desam.trainer_search_path import main as trainer_path_entry_point
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +42,7 @@ def test_a_built_wheel_installs_the_pth_file_into_site_packages(tmp_path):
                     str(tmp_path), str(PROJECT)], check=True, capture_output=True)
     (wheel,) = tmp_path.glob("nnunetv2_desam-*.whl")
     with zipfile.ZipFile(wheel) as archive:
-        assert archive.read("nnunetv2_desam.pth").decode().strip() == "import nnunetv2_desam.nnunet_registration"
+        assert archive.read("nnunetv2_desam.pth").decode() == (PROJECT / "nnunetv2_desam.pth").read_text()
         record = next(name for name in archive.namelist() if name.endswith(".dist-info/RECORD"))
         assert "nnunetv2_desam.pth," in archive.read(record).decode()
-        assert "nnunetv2_desam/nnunet_registration.py" in archive.namelist()
+        assert "nnunetv2_desam/trainer_search_path.py" in archive.namelist()

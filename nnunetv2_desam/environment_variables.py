@@ -1,0 +1,71 @@
+"""The ``DESAM_*`` environment variables: names, parsing, and the errors a user sees for bad values.
+
+nnU-Net builds networks in a static method and trainers from its own command line, so settings
+that must reach them (the SAM file, the inference grid, a shortened budget) travel as environment
+variables; every reader goes through :func:`positive_int`.
+"""
+
+import os
+from typing import Mapping, Optional
+
+from nnunetv2_desam.errors import ConfigurationError
+from nnunetv2_desam.networks.sam_checkpoint import OFFICIAL_CHECKPOINT_URLS
+
+SAM_CHECKPOINT_VARIABLE = "DESAM_SAM_CHECKPOINT"
+GRID_SIZE_VARIABLE = "DESAM_GRID_SIZE"
+BATCH_SIZE_VARIABLE = "DESAM_BATCH_SIZE"
+BUDGET_VARIABLES = {  # trainer attribute -> variable
+    "num_epochs": "DESAM_EPOCHS",
+    "num_iterations_per_epoch": "DESAM_ITERATIONS_PER_EPOCH",
+    "num_val_iterations_per_epoch": "DESAM_VAL_ITERATIONS_PER_EPOCH",
+}
+
+
+def positive_int(text: str, name: str) -> int:
+    """``text`` as a positive integer; :class:`ConfigurationError` naming ``name`` otherwise."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise ConfigurationError(f"{name} must be a positive integer, got {text!r}")
+    return int(text)
+
+
+def positive_int_from_environment(variable: str, environment: Mapping[str, str] = os.environ) -> Optional[int]:
+    """The value of ``variable`` as a positive integer, None when unset or empty."""
+    value = environment.get(variable, "")
+    return positive_int(value, variable) if value else None
+
+
+def sam_checkpoint_path(environment: Mapping[str, str] = os.environ) -> str:
+    """The SAM file named by ``DESAM_SAM_CHECKPOINT``; :class:`ConfigurationError` when it is unset."""
+    path = environment.get(SAM_CHECKPOINT_VARIABLE)
+    if not path:
+        urls = ", ".join(OFFICIAL_CHECKPOINT_URLS.values())
+        raise ConfigurationError(
+            f"{SAM_CHECKPOINT_VARIABLE} is not set. Point it at an official SAM checkpoint file "
+            f"(download one of {urls}), e.g. export {SAM_CHECKPOINT_VARIABLE}=/path/to/sam_vit_h_4b8939.pth"
+        )
+    return path
+
+
+def grid_size_from_environment(default: int, environment: Mapping[str, str] = os.environ) -> int:
+    """Points per side of the inference grid, overridable with ``DESAM_GRID_SIZE``."""
+    value = positive_int_from_environment(GRID_SIZE_VARIABLE, environment)
+    return default if value is None else value
+
+
+def budget_from_environment(environment: Mapping[str, str] = os.environ) -> dict:
+    """``{trainer attribute: value}`` for the ``DESAM_EPOCHS`` / ``_ITERATIONS_PER_EPOCH`` / ``_VAL_ITERATIONS_PER_EPOCH`` that are set."""
+    budget = {attribute: positive_int_from_environment(variable, environment) for attribute, variable in BUDGET_VARIABLES.items()}
+    return {attribute: value for attribute, value in budget.items() if value is not None}
+
+
+def apply_training_overrides(trainer) -> None:
+    """Set an nnU-Net trainer's budget and batch size from the ``DESAM_*`` variables that are set.
+
+    The batch size is written into the configuration, where nnU-Net reads it when the trainer
+    initialises (and records it in ``debug.json``); call this from the trainer's ``__init__``.
+    """
+    for attribute, value in budget_from_environment().items():
+        setattr(trainer, attribute, value)
+    batch_size = positive_int_from_environment(BATCH_SIZE_VARIABLE)
+    if batch_size is not None:
+        trainer.configuration_manager.configuration["batch_size"] = batch_size

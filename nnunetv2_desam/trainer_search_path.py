@@ -1,0 +1,53 @@
+"""Puts the DeSAM trainers on nnU-Net's trainer search path at interpreter start, so no setup step is needed.
+
+``pip install`` puts ``nnunetv2_desam.pth`` beside the package; Python runs its one (guarded) line
+in every interpreter of that environment, which imports this module. It appends
+:data:`TRAINERS_FOLDER` to ``nnUNet_extTrainer`` (nnU-Net >= 2.8 reads the variable when it looks
+a trainer up, and the subprocesses it starts inherit it). Standard library only, and it never
+raises: it runs before every Python program of the environment.
+"""
+import argparse
+import os
+import shlex
+
+TRAINERS_FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "trainers")
+VARIABLE = "nnUNet_extTrainer"
+
+
+def with_trainers_folder(value: str) -> str:
+    """``value`` (an os.pathsep-separated folder list, possibly empty) with our trainers folder appended once."""
+    folders = [folder for folder in value.split(os.pathsep) if folder]
+    if TRAINERS_FOLDER not in folders:
+        folders.append(TRAINERS_FOLDER)
+    return os.pathsep.join(folders)
+
+
+def add_trainers_folder(environment=os.environ) -> None:
+    environment[VARIABLE] = with_trainers_folder(environment.get(VARIABLE, ""))
+
+
+def environment_with_trainers(environment=None) -> dict:
+    """A copy of ``environment`` (default: this process's) with our trainers folder in ``nnUNet_extTrainer``."""
+    environment = dict(os.environ if environment is None else environment)
+    add_trainers_folder(environment)
+    return environment
+
+
+def main(argv=None) -> None:
+    """``nnUNetv2_desam_trainer_path``: print the folder, or with ``--export`` a shell line that keeps listed folders."""
+    parser = argparse.ArgumentParser(
+        description="Print the folder holding the DeSAM trainers, for nnU-Net's nnUNet_extTrainer variable. "
+        "pip install already adds it to nnUNet_extTrainer in every Python of the environment (nnunetv2_desam.pth); "
+        "set it yourself only where .pth files do not run (python -S): "
+        'eval "$(nnUNetv2_desam_trainer_path --export)" keeps the folders already listed, '
+        'export nnUNet_extTrainer="$(nnUNetv2_desam_trainer_path)" replaces them',
+    )
+    parser.add_argument("--export", action="store_true", help="print a shell export line that keeps folders already listed")
+    args = parser.parse_args(argv)
+    if args.export:
+        print(f"export {VARIABLE}={shlex.quote(environment_with_trainers()[VARIABLE])}")
+    else:
+        print(TRAINERS_FOLDER)
+
+
+add_trainers_folder()

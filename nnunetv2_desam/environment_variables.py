@@ -1,10 +1,11 @@
 """The ``DESAM_*`` environment variables: names, parsing, and the errors a user sees for bad values.
 
 nnU-Net builds networks in a static method and trainers from its own command line, so settings
-that must reach them (the SAM file, the inference grid, a shortened budget) travel as environment
-variables; every reader goes through :func:`positive_int`.
+that must reach them (the SAM file, the inference grid, a shortened budget, the learning rate)
+travel as environment variables; every integer reader goes through :func:`positive_int`.
 """
 
+import math
 import os
 from typing import Mapping, Optional
 
@@ -14,6 +15,7 @@ from nnunetv2_desam.networks.sam_checkpoint import OFFICIAL_CHECKPOINT_URLS
 SAM_CHECKPOINT_VARIABLE = "DESAM_SAM_CHECKPOINT"
 GRID_SIZE_VARIABLE = "DESAM_GRID_SIZE"
 BATCH_SIZE_VARIABLE = "DESAM_BATCH_SIZE"
+LEARNING_RATE_VARIABLE = "DESAM_LEARNING_RATE"
 BUDGET_VARIABLES = {  # trainer attribute -> variable
     "num_epochs": "DESAM_EPOCHS",
     "num_iterations_per_epoch": "DESAM_ITERATIONS_PER_EPOCH",
@@ -50,6 +52,20 @@ def grid_size_from_environment(default: int, environment: Mapping[str, str] = os
     """Points per side of the inference grid, overridable with ``DESAM_GRID_SIZE``."""
     value = positive_int_from_environment(GRID_SIZE_VARIABLE, environment)
     return default if value is None else value
+
+
+def learning_rate_from_environment(default: float, environment: Mapping[str, str] = os.environ) -> float:
+    """The DeSAM trainers' initial learning rate: ``DESAM_LEARNING_RATE`` (a positive number) or ``default``."""
+    value = environment.get(LEARNING_RATE_VARIABLE, "").strip()
+    if not value:
+        return default
+    try:
+        rate = float(value)
+    except ValueError:
+        rate = math.nan
+    if not (math.isfinite(rate) and rate > 0):
+        raise ConfigurationError(f"{LEARNING_RATE_VARIABLE} must be a positive number, got {value!r}")
+    return rate
 
 
 def budget_from_environment(environment: Mapping[str, str] = os.environ) -> dict:

@@ -363,7 +363,7 @@ def encoder_row(setup: Setup, warmup: int, repeats: int) -> dict:
     dtype = encoder_dtype(device)
     reference, ours = setup.reference.image_encoder, setup.ours.image_encoder
     with torch.no_grad():
-        images = setup.ours.to_sam_input(setup.slices(setup.workload.encoder_batch))
+        images = setup.ours.sam_input(setup.slices(setup.workload.encoder_batch))
 
     def outputs(encoder, images, dtype) -> List[torch.Tensor]:
         with torch.inference_mode(), autocast(device, dtype):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from nnunetv2_desam.networks.desam import DeSAM, DeSAMSettings, channel_mixing_matrix, weighted_probability_sums
+from nnunetv2_desam.networks.desam import DeSAM, DeSAMSettings, weighted_probability_sums
 from nnunetv2_desam.networks.prompts import grid_points
 from nnunetv2_desam.networks.pdmm import PDMM
 from nnunetv2_desam.errors import SAMCheckpointError
@@ -92,7 +92,10 @@ def test_output_shapes_for_odd_patch_sizes(sam_state_dict, settings, channels, c
     assert (iou.shape == (2, 1, classes - 1)) if has_iou else iou is None
 
 
-def test_explicit_boxes_and_point_labels_reach_sam_prompt_encoder(sam_state_dict):
+def test_prompts_are_continuous_patch_coordinates_scaled_like_segment_anything(sam_state_dict):
+    """Points and box corners in patch pixels (pixel (i, j) spans [j, j+1) × [i, i+1)) reach SAM's prompt
+    encoder as the same continuous points of the longest-side-resized input: a 64×32 patch fills 128×64
+    of the 128×128 input (scale 2), and SAM's half-pixel shift is undone."""
     network = make_desam(sam_state_dict, settings=BOX).eval()
     x = torch.randn(1, 1, 64, 32)
     captured = []
@@ -102,13 +105,19 @@ def test_explicit_boxes_and_point_labels_reach_sam_prompt_encoder(sam_state_dict
         whole, _ = network(x, boxes=torch.tensor([[0.0, 0.0, 32.0, 64.0]]))
         part, _ = network(x, boxes=torch.tensor([[4.0, 8.0, 20.0, 30.0]]))
         network(x, points=torch.tensor([[[5.0, 5.0], [20.0, 40.0]]]), point_labels=torch.tensor([[1, 0]]))
-    expected_box, _ = network.prompt_encoder(points=None, boxes=torch.tensor([[16.0, 16.0, 80.0, 60.0]]), masks=None)
+    encoder = network.prompt_encoder
+
+    def sam_box(corners):  # SAM's box embedding of continuous corners (x0, y0), (x1, y1) in the 128×128 input
+        embedding = encoder.pe_layer.forward_with_coords(torch.tensor([corners]), (128, 128))
+        return embedding + torch.cat([encoder.point_embeddings[2].weight, encoder.point_embeddings[3].weight])
+
     assert torch.equal(automatic, whole) and not torch.equal(automatic, part)
-    assert torch.allclose(captured[2], expected_box)
+    assert torch.allclose(captured[0], sam_box([[0.0, 0.0], [64.0, 128.0]]), atol=1e-5)
+    assert torch.allclose(captured[2], sam_box([[8.0, 16.0], [40.0, 60.0]]), atol=1e-5)
     point_prompts = captured[3]  # two prompts, each a point then SAM's padding token
     assert point_prompts.shape == (2, 2, 32)
-    foreground, background = network.prompt_encoder.point_embeddings[1].weight, network.prompt_encoder.point_embeddings[0].weight
-    positional = network.prompt_encoder.pe_layer.forward_with_coords(torch.tensor([[[20.0, 10.0]], [[80.0, 80.0]]]), (128, 128))
+    foreground, background = encoder.point_embeddings[1].weight, encoder.point_embeddings[0].weight
+    positional = encoder.pe_layer.forward_with_coords(torch.tensor([[[10.0, 10.0]], [[40.0, 80.0]]]), (128, 128))
     assert torch.allclose(point_prompts[:, 0], positional[:, 0] + torch.cat([foreground, background]), atol=1e-5)
 
 
@@ -233,24 +242,6 @@ def test_grid_prompts_in_chunks_equal_all_prompts_at_once(sam_state_dict, settin
         (chunked_logits, chunked_iou), (logits, iou) = in_chunks(x, points=points), at_once(x, points=points)
     assert (chunked_logits - logits).abs().max() < 1e-5
     assert (chunked_iou is None and iou is None) or torch.allclose(chunked_iou, iou, atol=1e-6)
-
-
-def test_channel_mixing_maps_any_channel_count_to_rgb():
-    assert torch.equal(channel_mixing_matrix(1), torch.ones(3, 1))
-    assert torch.equal(channel_mixing_matrix(2), torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]))
-    assert torch.equal(channel_mixing_matrix(3), torch.eye(3))
-    five = channel_mixing_matrix(5)
-    assert torch.allclose(five.sum(1), torch.ones(3)) and torch.equal(five > 0, torch.tensor([[1, 1, 0, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 0, 1]]).bool())
-
-
-def test_sam_input_is_sam_normalised_and_invariant_to_intensity_scaling(sam_state_dict):
-    network = make_desam(sam_state_dict)
-    x = torch.randn(2, 1, 40, 30)
-    images = network.to_sam_input(x)
-    assert images.shape == (2, 3, 128, 128)
-    pixels = images * network.pixel_std + network.pixel_mean
-    assert pixels.min() >= -1e-3 and pixels.max() <= 255 + 1e-3
-    assert torch.allclose(network.to_sam_input(5 * x + 3), images, atol=1e-4)
 
 
 def test_checkpoints_hold_no_sam_weights_and_reload(sam_state_dict):

@@ -4,16 +4,16 @@
 resolution with deep supervision on), so nnU-Net's trainer, sliding-window predictor and
 evaluation use it unchanged. Everything SAM needs happens inside:
 
-1. **Channels.** C input channels become SAM's three through a fixed mixing matrix: with C < 3
-   the channels repeat cyclically (1 channel → grey RGB); with C ≥ 3 SAM channel i is the mean of
-   the i-th of three contiguous channel groups. Fixed, so no gradient ever has to cross the
-   frozen encoder.
-2. **Intensities.** Per sample and channel, the 0.5–99.5 percentile range is mapped to 0–255
-   (what the authors do per volume) and SAM's pixel mean/std normalisation applied.
-3. **Size.** The patch is resized (bilinear) to the encoder's square input, e.g. 1024×1024; the
-   PDMM output (a quarter of that) is resized back to H×W.
-4. **Prompts.** Automatic: the whole-image box (``prompt_mode="box"``, DeSAM-B) or an N×N point
+1. **SAM input** (:mod:`~nnunetv2_desam.networks.sam_input`): a fixed window of nnU-Net's
+   normalised intensities → 0–255 (the same map for every tile and slice of a case, so nnU-Net's
+   intensity augmentations reach the encoder), channels → RGB through a fixed mixing matrix,
+   SAM's longest-side resize to the encoder input (e.g. 1024, aspect ratio kept, padded), SAM's
+   pixel normalisation.
+2. **Encoder**, frozen: three taps and the image embedding.
+3. **Prompts.** Automatic: the whole-image box (``prompt_mode="box"``, DeSAM-B) or an N×N point
    grid (``prompt_mode="points"``, DeSAM-P). Training passes explicit point prompts.
+4. **Size back.** PDMM's output (a quarter of the encoder input) returns to H×W like SAM's
+   ``postprocess_masks``: upsampled to the encoder input, padding cropped, resized.
 
 **Combining grid prompts.** Each prompt i gives class probabilities p_i = softmax(z_i) and, with
 the IoU head, predicted IoUs s_ik for the foreground classes k. Foreground class k is the
@@ -23,17 +23,16 @@ returned as log-probabilities, whose softmax is the combined segmentation.
 """
 
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nnunetv2_desam.networks.fast_attention import fuse_encoder_attention
 from nnunetv2_desam.networks.pdmm import PDMM
 from nnunetv2_desam.networks.prim import PRIM
 from nnunetv2_desam.networks.prompts import grid_points
+from nnunetv2_desam.networks.sam_input import SAMInput
 from nnunetv2_desam.networks.sam_backbone import SAMBackbone
 from nnunetv2_desam.networks.sam_checkpoint import (
     SAMCheckpointError,
@@ -45,8 +44,6 @@ from nnunetv2_desam.networks.sam_checkpoint import (
     sub_state_dict,
 )
 
-SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
-SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 FROZEN_MODULES = ("image_encoder", "prompt_encoder")
 MIN_PROMPT_WEIGHT = 1e-3
 PROMPT_CHUNK_SIZE = 27  # grid prompts per PRIM/PDMM pass: a third of the paper's 9×9 grid
@@ -78,18 +75,6 @@ class DeSAMSettings:
         return asdict(self)
 
 
-def channel_mixing_matrix(num_input_channels: int) -> torch.Tensor:
-    """3×C matrix mapping C input channels to SAM's RGB (see the module docstring)."""
-    mixing = torch.zeros(3, num_input_channels)
-    if num_input_channels < 3:
-        for rgb in range(3):
-            mixing[rgb, rgb % num_input_channels] = 1.0
-    else:
-        for rgb, group in enumerate(np.array_split(np.arange(num_input_channels), 3)):
-            mixing[rgb, group] = 1.0 / len(group)
-    return mixing
-
-
 class DeSAM(nn.Module):
     """The DeSAM network. Build it with :meth:`from_sam_checkpoint`.
 
@@ -102,6 +87,8 @@ class DeSAM(nn.Module):
     off = segment_anything's own attention) and ``prompt_shared_decoding`` (PDMM's image-only
     branches run once per image, not once per grid prompt). Grid prompts go through PRIM and
     PDMM ``prompt_chunk_size`` at a time, which bounds memory for any grid size.
+    ``intensity_windows``: one (low, high) of nnU-Net's normalised units per input channel
+    (:func:`~nnunetv2_desam.networks.sam_input.intensity_windows` reads them off the plans).
     """
 
     def __init__(
@@ -113,6 +100,7 @@ class DeSAM(nn.Module):
         prompt_shared_decoding: bool = True,
         fused_attention: bool = True,
         prompt_chunk_size: int = PROMPT_CHUNK_SIZE,
+        intensity_windows: Optional[Sequence[Tuple[float, float]]] = None,
     ):
         super().__init__()
         config = SAMConfig.from_state_dict(sam_state_dict)
@@ -136,9 +124,7 @@ class DeSAM(nn.Module):
             self.prim.load_sam_mask_decoder(sam_state_dict)
         self.decoder = PDMM(config.encoder_embed_dim, config.prompt_embed_dim, num_classes, settings.fuse_mask_embedding)
 
-        self.register_buffer("channel_mixing", channel_mixing_matrix(num_input_channels), persistent=False)
-        self.register_buffer("pixel_mean", torch.tensor(SAM_PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(SAM_PIXEL_STD).view(1, 3, 1, 1), persistent=False)
+        self.sam_input = SAMInput(num_input_channels, config.img_size, intensity_windows)
         digest = bytes.fromhex(sam_fingerprint(sam_state_dict))
         self.register_buffer("sam_fingerprint", torch.tensor(list(digest), dtype=torch.uint8))
         self.register_state_dict_post_hook(_drop_frozen_weights)
@@ -159,17 +145,6 @@ class DeSAM(nn.Module):
             getattr(self, name).eval()
         return self
 
-    def to_sam_input(self, x: torch.Tensor) -> torch.Tensor:
-        """B×C×H×W z-scored patch → B×3×S×S SAM-normalised image."""
-        x = x.float()
-        flat = x.flatten(2)
-        low, high = torch.quantile(flat, torch.tensor([0.005, 0.995], device=x.device), dim=-1, keepdim=True)
-        scaled = 255.0 * ((flat - low) / (high - low).clamp_min(1e-6)).clamp(0.0, 1.0)
-        rgb = torch.einsum("rc,bcn->brn", self.channel_mixing, scaled).view(x.shape[0], 3, *x.shape[2:])
-        size = self.image_encoder.img_size
-        rgb = F.interpolate(rgb, size=(size, size), mode="bilinear", align_corners=False)
-        return (rgb - self.pixel_mean) / self.pixel_std
-
     def encode_prompts(
         self,
         batch: int,
@@ -182,24 +157,28 @@ class DeSAM(nn.Module):
 
         Explicit boxes (B×4, x0 y0 x1 y1) or points (B×P×2 with labels B×P, default 1 =
         foreground; each point its own prompt) win; otherwise the automatic prompt of
-        ``settings.prompt_mode``: the whole-image box or the N×N grid.
+        ``settings.prompt_mode``: the whole-image box (0, 0, W, H) or the N×N grid.
+
+        Coordinates are continuous: pixel (row i, column j) covers [j, j+1) × [i, i+1), its centre
+        is (j + 0.5, i + 0.5). SAM's prompt encoder adds half a pixel to points and box corners
+        (it expects pixel indices), so both are passed to it half a pixel lower: the whole-image
+        box reaches SAM as exactly the resized patch, (0, 0, w', h').
         """
-        height, width = patch_size
-        device = self.channel_mixing.device
-        scale = torch.tensor([self.image_encoder.img_size / width, self.image_encoder.img_size / height], device=device)
+        device = self.sam_input.pixel_mean.device
         if boxes is None and points is None:
             if self.settings.prompt_mode == "box":
+                height, width = patch_size
                 boxes = torch.tensor([[0.0, 0.0, width, height]], device=device).expand(batch, 4)
             else:
                 points = grid_points(self.settings.grid_size, patch_size).to(device).expand(batch, -1, -1)
         if boxes is not None:
-            sparse, dense = self.prompt_encoder(points=None, boxes=boxes.float() * scale.repeat(2), masks=None)
+            corners = self.sam_input.to_encoder_coordinates(boxes.reshape(-1, 2, 2), patch_size) - 0.5
+            sparse, dense = self.prompt_encoder(points=None, boxes=corners.reshape(-1, 4), masks=None)
             return sparse, dense, 1
         if point_labels is None:
             point_labels = torch.ones(points.shape[:2], dtype=torch.int64, device=device)
-        coordinates = (points.float() * scale).reshape(-1, 1, 2)
-        # SAM's prompt encoder adds half a pixel: our coordinates are continuous already.
-        sparse, dense = self.prompt_encoder(points=(coordinates - 0.5, point_labels.reshape(-1, 1)), boxes=None, masks=None)
+        coordinates = self.sam_input.to_encoder_coordinates(points, patch_size).reshape(-1, 1, 2) - 0.5
+        sparse, dense = self.prompt_encoder(points=(coordinates, point_labels.reshape(-1, 1)), boxes=None, masks=None)
         return sparse, dense, points.shape[1]
 
     def forward(
@@ -221,7 +200,7 @@ class DeSAM(nn.Module):
         """
         batch, _, height, width = x.shape
         with torch.no_grad():
-            taps, embedding = self.image_encoder(self.to_sam_input(x))
+            taps, embedding = self.image_encoder(self.sam_input(x))
         iou = None
         if self.prim is None:
             outputs = _as_list(self.decoder(taps))
@@ -230,7 +209,7 @@ class DeSAM(nn.Module):
                 sparse, dense, prompts_per_image = self.encode_prompts(batch, (height, width), points, point_labels, boxes)
             outputs, iou = self._decode_prompts(taps, embedding, sparse, dense, prompts_per_image)
         sizes = [(height, width), (round(height / 2), round(width / 2))]
-        outputs = [F.interpolate(o, size=s, mode="bilinear", align_corners=False) for o, s in zip(outputs, sizes)]
+        outputs = [self.sam_input.to_patch(o, (height, width), s) for o, s in zip(outputs, sizes)]
         result = outputs if self.decoder.deep_supervision else outputs[0]
         return result if points is None and boxes is None else (result, iou)
 

@@ -16,12 +16,19 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 
 from nnunetv2_desam.console import report_desam_errors_in_one_line
-from nnunetv2_desam.environment_variables import apply_training_overrides, grid_size_from_environment, sam_checkpoint_path
+from nnunetv2_desam.environment_variables import (
+    apply_training_overrides,
+    grid_size_from_environment,
+    learning_rate_from_environment,
+    sam_checkpoint_path,
+)
 from nnunetv2_desam.errors import ConfigurationError
 from nnunetv2_desam.networks.desam import DeSAM, DeSAMSettings
 from nnunetv2_desam.networks.prompts import sample_training_points
+from nnunetv2_desam.networks.sam_input import intensity_windows
 
 PAPER_BATCH_SIZE = 8
+PAPER_LEARNING_RATE = 1e-4
 
 
 class nnUNetTrainerDeSAM(nnUNetTrainer):
@@ -30,7 +37,8 @@ class nnUNetTrainerDeSAM(nnUNetTrainer):
     Paper settings: Adam, lr 1e-4, batch 8, poly decay, only PRIM/PDMM in the optimizer. Budget:
     50 epochs × 100 iterations = 5,000 iterations at batch 8, about 1.3× the paper's ~3.8 k; the
     paper trains on fixed precomputed slices, here every sample is freshly augmented by nnU-Net.
-    ``DESAM_EPOCHS`` and friends and ``DESAM_BATCH_SIZE`` override budget and batch size.
+    ``DESAM_EPOCHS`` and friends, ``DESAM_BATCH_SIZE`` and ``DESAM_LEARNING_RATE`` override budget,
+    batch size and learning rate.
     """
 
     desam_settings = DeSAMSettings(prompt_mode="points")
@@ -44,7 +52,7 @@ class nnUNetTrainerDeSAM(nnUNetTrainer):
             raise ConfigurationError(f"DeSAM is a 2D method, use -c 2d (got configuration '{configuration}')")
         if self.label_manager.has_regions:
             raise ConfigurationError("region-based datasets are not supported by DeSAM's softmax PDMM; use plain labels")
-        self.initial_lr = 1e-4
+        self.initial_lr = learning_rate_from_environment(PAPER_LEARNING_RATE)
         self.weight_decay = 0.0
         self.num_epochs = 50
         self.num_iterations_per_epoch = 100
@@ -55,12 +63,14 @@ class nnUNetTrainerDeSAM(nnUNetTrainer):
 
     @classmethod
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels, num_output_channels, enable_deep_supervision: bool = True) -> DeSAM:
-        """The SAM file comes from DESAM_SAM_CHECKPOINT (called by the trainer and by nnUNetv2_predict)."""
+        """The SAM file comes from DESAM_SAM_CHECKPOINT, the intensity windows from the plans (called by the
+        trainer and by nnUNetv2_predict, so both map intensities alike)."""
         report_desam_errors_in_one_line()
         if len(configuration_manager.patch_size) != 2:
             raise ConfigurationError("DeSAM is a 2D method, use -c 2d")
         settings = DeSAMSettings(**{**cls.desam_settings.to_dict(), "grid_size": grid_size_from_environment(cls.desam_settings.grid_size)})
-        network = DeSAM.from_sam_checkpoint(sam_checkpoint_path(), num_input_channels, num_output_channels, settings=settings)
+        windows = intensity_windows(configuration_manager.normalization_schemes, plans_manager.foreground_intensity_properties_per_channel)
+        network = DeSAM.from_sam_checkpoint(sam_checkpoint_path(), num_input_channels, num_output_channels, settings=settings, intensity_windows=windows)
         network.decoder.deep_supervision = enable_deep_supervision
         return network
 

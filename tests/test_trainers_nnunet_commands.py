@@ -9,18 +9,25 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+import torch.nn.functional as F
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunetv2_desam.experiments.splits import write_source_split
 from nnunetv2_desam.networks.sam_checkpoint import load_sam_state_dict, sam_fingerprint
 from nnunetv2_desam.experiments.synthetic import DEFAULT_DOMAINS, write_synthetic_dataset
 from nnunetv2_desam.errors import ConfigurationError
+from nnunetv2_desam.trainers.nnUNetTrainerAdvBias import nnUNetTrainerAdvBias
+from nnunetv2_desam.trainers.nnUNetTrainerCSDG import nnUNetTrainerCSDG
 from nnunetv2_desam.trainers.nnUNetTrainerDeSAM import nnUNetTrainerDeSAM
+from nnunetv2_desam.trainers.nnUNetTrainerMaxStyle import IMAGE_DECODER_KEY, nnUNetTrainerMaxStyle
+from nnunetv2_desam.trainers.nnUNetTrainerRandConv import nnUNetTrainerRandConv
 from tests.commands import run
 
 SOURCE, TARGET = 951, 952
 SOURCE_NAME, TARGET_NAME = f"Dataset{SOURCE}_{DEFAULT_DOMAINS[0].name}", f"Dataset{TARGET}_{DEFAULT_DOMAINS[1].name}"
 DESAM_TRAINERS = ["nnUNetTrainerDeSAM", "nnUNetTrainerDeSAM_Box", "nnUNetTrainerDeSAM_PDMMOnly", "nnUNetTrainerDeSAM_NoIoUHead", "nnUNetTrainerDeSAM_NoMEF"]
-ALL_TRAINERS = ["nnUNetTrainerBudget"] + DESAM_TRAINERS
+DG_TRAINERS = ["nnUNetTrainerAdvBias", "nnUNetTrainerRandConv", "nnUNetTrainerMaxStyle", "nnUNetTrainerCSDG"]  # Table 2's methods
+ALL_TRAINERS = ["nnUNetTrainerBudget"] + DESAM_TRAINERS + DG_TRAINERS
 
 
 @pytest.fixture(scope="module")
@@ -202,6 +209,69 @@ def test_3d_configuration_is_refused(workspace):
     result = run(["nnUNetv2_train", str(SOURCE), "3d_fullres", "0", "-tr", "nnUNetTrainerDeSAM", "-device", "cpu"], env, expect_success=False)
     assert result.returncode != 0
     assert "DeSAM is a 2D method, use -c 2d" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_maxstyle_checkpoint_holds_the_plain_network_and_the_decoder_apart(trained):
+    """nnU-Net's predictor loads ``network_weights`` strictly into ``build_network_architecture``'s network."""
+    root, _, _ = trained
+    checkpoint = torch.load(fold_folder(root, "nnUNetTrainerMaxStyle") / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    trainer = make_dg_trainer(root, nnUNetTrainerMaxStyle, "2d")
+    plain = nnUNetTrainerMaxStyle.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, 1, 3, True)
+    plain.load_state_dict(checkpoint["network_weights"], strict=True)
+    assert set(checkpoint["network_weights"]) == set(nnUNetTrainer.build_network_architecture(
+        trainer.plans_manager, trainer.configuration_manager, 1, 3, True).state_dict())
+    assert checkpoint[IMAGE_DECODER_KEY] and not set(checkpoint[IMAGE_DECODER_KEY]) & set(checkpoint["network_weights"])
+
+
+def make_dg_trainer(root: Path, trainer_class, configuration: str):
+    """A Table 2 trainer built directly from the workspace's plans, on the CPU; 3d_fullres reads the 2d data folder
+    (``initialize`` only looks at its file endings)."""
+    plans = json.loads((root / "preprocessed" / SOURCE_NAME / "nnUNetPlans.json").read_text())
+    plans["continue_training"] = False
+    plans["configurations"]["3d_fullres"]["data_identifier"] = plans["configurations"]["2d"]["data_identifier"]
+    dataset_json = json.loads((root / "raw" / SOURCE_NAME / "dataset.json").read_text())
+    folders = {f"nnUNet_{n}": str(root / n) for n in ("raw", "preprocessed", "results")}
+    with mock.patch.dict(os.environ, folders):
+        trainer = trainer_class(plans, configuration, 1, dataset_json, device=torch.device("cpu"))
+        trainer.initialize()
+    return trainer
+
+
+def synthetic_batch(trainer, spatial):
+    """Random data B×1×spatial with threshold labels at every deep-supervision scale."""
+    data = torch.randn(2, 1, *spatial, generator=torch.Generator().manual_seed(0))
+    labels = (data > 0.5).float() + (data > 1.5).float()
+    target = [labels if all(f == 1 for f in scale) else F.interpolate(labels, scale_factor=scale, mode="nearest")
+              for scale in trainer._get_deep_supervision_scales()]
+    return {"data": data, "target": target}
+
+
+@pytest.mark.parametrize("configuration,spatial", [("2d", (48, 48)), ("3d_fullres", (4, 32, 32))])
+@pytest.mark.parametrize("trainer_class", [nnUNetTrainerAdvBias, nnUNetTrainerRandConv, nnUNetTrainerMaxStyle, nnUNetTrainerCSDG])
+def test_dg_train_step_trains_on_2d_and_3d_batches_with_the_labels_untouched(workspace, trainer_class, configuration, spatial):
+    root, _ = workspace
+    trainer = make_dg_trainer(root, trainer_class, configuration)
+    batch = synthetic_batch(trainer, spatial)
+    seen_targets, loss = [], trainer.loss
+    trainer.loss = lambda output, target: seen_targets.append(target) or loss(output, target)
+    modules = [trainer.network] + ([trainer.image_decoder] if trainer_class is nnUNetTrainerMaxStyle else [])
+    before = [[p.detach().clone() for p in m.parameters()] for m in modules]
+    result = trainer.train_step(batch)
+    assert np.isfinite(result["loss"]) and seen_targets
+    assert all(len(t) == len(batch["target"]) and all(a is b for a, b in zip(t, batch["target"])) for t in seen_targets)
+    for module, old in zip(modules, before):
+        assert any(not torch.equal(p, q) for p, q in zip(module.parameters(), old))
+
+
+def test_maxstyle_resumes_with_its_image_decoder(workspace, tmp_path):
+    root, _ = workspace
+    trainer = make_dg_trainer(root, nnUNetTrainerMaxStyle, "2d")
+    trainer.train_step(synthetic_batch(trainer, (48, 48)))
+    trainer.save_checkpoint(str(tmp_path / "checkpoint.pth"))
+    resumed = make_dg_trainer(root, nnUNetTrainerMaxStyle, "2d")
+    resumed.load_checkpoint(str(tmp_path / "checkpoint.pth"))
+    for name, value in trainer.image_decoder.state_dict().items():
+        assert torch.equal(resumed.image_decoder.state_dict()[name], value)
 
 
 def make_trainer(root: Path, labels: dict, **extra):

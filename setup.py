@@ -41,6 +41,8 @@ setup(
         "nnunetv2>=2.8",
         "torch>=2.1.2",
         "segment-anything>=1.0",
+        "torchvision",  # batched NMS of the authors' grid sequence
+        "opencv-python-headless",  # segment_anything's remove_small_regions (authors' grid sequence)
         "batchgenerators>=0.25.1",
         "SimpleITK>=2.2.1",
         "acvl-utils>=0.2.6",

@@ -9,10 +9,12 @@ import os
 from typing import Mapping, Optional
 
 from nnunetv2_desam.errors import ConfigurationError
+from nnunetv2_desam.networks.grid_aggregation import GRID_AGGREGATIONS
 from nnunetv2_desam.networks.sam_checkpoint import OFFICIAL_CHECKPOINT_URLS
 
 SAM_CHECKPOINT_VARIABLE = "DESAM_SAM_CHECKPOINT"
 GRID_SIZE_VARIABLE = "DESAM_GRID_SIZE"
+GRID_AGGREGATION_VARIABLE = "DESAM_GRID_AGGREGATION"
 BATCH_SIZE_VARIABLE = "DESAM_BATCH_SIZE"
 BUDGET_VARIABLES = {  # trainer attribute -> variable
     "num_epochs": "DESAM_EPOCHS",
@@ -50,6 +52,14 @@ def grid_size_from_environment(default: int, environment: Mapping[str, str] = os
     """Points per side of the inference grid, overridable with ``DESAM_GRID_SIZE``."""
     value = positive_int_from_environment(GRID_SIZE_VARIABLE, environment)
     return default if value is None else value
+
+
+def grid_aggregation_from_environment(default: str, environment: Mapping[str, str] = os.environ) -> str:
+    """How grid prompts are combined (``gated``, ``mean`` or ``authors``), overridable with ``DESAM_GRID_AGGREGATION``."""
+    value = environment.get(GRID_AGGREGATION_VARIABLE, "").strip()
+    if value and value not in GRID_AGGREGATIONS:
+        raise ConfigurationError(f"{GRID_AGGREGATION_VARIABLE} must be one of {', '.join(GRID_AGGREGATIONS)}, got {value!r}")
+    return value or default
 
 
 def budget_from_environment(environment: Mapping[str, str] = os.environ) -> dict:

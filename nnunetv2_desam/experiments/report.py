@@ -17,10 +17,10 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from nnunetv2_desam.experiments.scoring import bootstrap_ci, stratified_bootstrap_ci, usable_cases
+from nnunetv2_desam.experiments.scoring import FOREGROUND_SLICES_PROTOCOL, bootstrap_ci, stratified_bootstrap_ci, usable_cases
 
 PROTOCOL_WHOLE_VOLUME = "whole-volume Dice (nnU-Net evaluation)"
-PROTOCOL_FOREGROUND_SLICES = "foreground slices only (paper protocol)"
+PROTOCOL_FOREGROUND_SLICES = FOREGROUND_SLICES_PROTOCOL
 MEAN_OVER_CLASSES = "mean over classes"
 OVERALL = "Overall"
 CSV_COLUMNS = ["trainer", "target", "class", "n_cases", "mean_dice", "ci_low", "ci_high", "protocol", "ci_method"]

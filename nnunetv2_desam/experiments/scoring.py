@@ -20,6 +20,11 @@ import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import join, load_json, subfiles
 from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
+AUTHORS_BORDER_PIXELS = 50  # zeroed at each border of their predictions (utils/dice_calculate.py, edge_set_zero=50)
+AUTHORS_SLICE_SIZE = 256  # ... of 256×256 slices
+FOREGROUND_SLICES_PROTOCOL = (f"foreground slices only, {AUTHORS_BORDER_PIXELS}/{AUTHORS_SLICE_SIZE} of each slice "
+                              f"axis zeroed at the prediction's borders (paper protocol)")
+
 
 def _foreground(labels: dict[str, int]) -> dict[str, int]:
     return {name: int(value) for name, value in labels.items() if int(value) != 0}
@@ -51,20 +56,39 @@ def _dice(reference: np.ndarray, prediction: np.ndarray) -> float:
     return 2 * tp / denominator if denominator else float('nan')
 
 
+def border_width(size: int) -> int:
+    """Pixels zeroed at each end of a slice axis of ``size`` pixels: the authors' 50 of 256, scaled, rounded half up."""
+    return int(AUTHORS_BORDER_PIXELS * size / AUTHORS_SLICE_SIZE + 0.5)
+
+
+def zero_slice_borders(prediction: np.ndarray) -> np.ndarray:
+    """A copy of (Z, Y, X) labels with ``border_width(Y)`` rows and ``border_width(X)`` columns set to 0 at every edge.
+
+    The authors score 256×256 slices (every slice resized to 256² before SAM) with 50 px zeroed at each border of
+    the prediction, the reference untouched; the same fraction of each axis (50/256 = 19.5 %) is zeroed here.
+    """
+    rows, columns = border_width(prediction.shape[1]), border_width(prediction.shape[2])
+    zeroed = np.zeros_like(prediction)
+    zeroed[:, rows:prediction.shape[1] - rows, columns:prediction.shape[2] - columns] = \
+        prediction[:, rows:prediction.shape[1] - rows, columns:prediction.shape[2] - columns]
+    return zeroed
+
+
 def foreground_slice_dice(reference: np.ndarray, prediction: np.ndarray,
                           labels: dict[str, int]) -> dict[str, float]:
     """Dice per class restricted to the slices where the reference has any foreground (paper protocol).
 
     In: label maps of shape (Z, Y, X) (or (1, Z, Y, X) as returned by nnU-Net's ``read_seg``); slices are taken
-    along Z, the slowest axis. A slice is kept when the reference has any non-zero label in it; the Dice of each
-    class is then computed over all kept slices stacked. Out: ``{class_name: dice}``; NaN when a class is absent
-    from the reference and the prediction in the kept slices.
+    along Z, the slowest axis. A slice is kept when the reference has any non-zero label in it; the prediction's
+    slice borders are zeroed as the authors do (:func:`zero_slice_borders`); the Dice of each class is then
+    computed over all kept slices stacked. Out: ``{class_name: dice}``; NaN when a class is absent from the
+    reference and the prediction in the kept slices.
     """
     reference, prediction = reference.reshape(reference.shape[-3:]), prediction.reshape(prediction.shape[-3:])
     if reference.shape != prediction.shape:
         raise ValueError(f'shape mismatch: reference {reference.shape} vs prediction {prediction.shape}')
     kept = np.any(reference != 0, axis=(1, 2))
-    reference, prediction = reference[kept], prediction[kept]
+    reference, prediction = reference[kept], zero_slice_borders(prediction[kept])
     return {name: _dice(reference == value, prediction == value) for name, value in _foreground(labels).items()}
 
 

@@ -15,10 +15,9 @@ evaluation use it unchanged. Everything SAM needs happens inside:
 4. **Prompts.** Automatic: the whole-image box (``prompt_mode="box"``, DeSAM-B) or an N×N point
    grid (``prompt_mode="points"``, DeSAM-P). Training passes explicit point prompts.
 
-**Combining grid prompts.** Each prompt i gives class probabilities p_i = softmax(z_i) and, with
-the IoU head, predicted IoUs s_ik for the foreground classes k. Foreground class k is the
-IoU-weighted mean Σ_i w_ik p_ik / Σ_i w_ik with w_ik = clamp(s_ik, 1e-3, 1); background uses the
-mean weight over classes. Without an IoU head every prompt weighs the same. The result is
+**Combining grid prompts** (``settings.grid_aggregation``, see ``grid_aggregation``): by default a
+prompt counts for foreground class k only if its predicted IoU for k is > 0.5, the kept prompts'
+class probabilities are averaged, and a tile where none passes is background. The result is
 returned as log-probabilities, whose softmax is the combined segmentation.
 """
 
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunetv2_desam.networks.fast_attention import fuse_encoder_attention
+from nnunetv2_desam.networks.grid_aggregation import GridAggregator, check_grid_aggregation
 from nnunetv2_desam.networks.pdmm import PDMM
 from nnunetv2_desam.networks.prim import PRIM
 from nnunetv2_desam.networks.prompts import grid_points
@@ -48,8 +48,7 @@ from nnunetv2_desam.networks.sam_checkpoint import (
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 FROZEN_MODULES = ("image_encoder", "prompt_encoder")
-MIN_PROMPT_WEIGHT = 1e-3
-PROMPT_CHUNK_SIZE = 27  # grid prompts per PRIM/PDMM pass: a third of the paper's 9×9 grid
+PROMPT_CHUNK_SIZE = 27  # image·prompt pairs per PRIM/PDMM pass, whatever the batch: a third of the 9×9 grid
 
 
 @dataclass(frozen=True)
@@ -61,6 +60,7 @@ class DeSAMSettings:
     use_iou_head: bool = True
     fuse_mask_embedding: bool = True
     grid_size: int = 9
+    grid_aggregation: str = "gated"
 
     def __post_init__(self):
         if self.prompt_mode not in ("points", "box"):
@@ -73,6 +73,12 @@ class DeSAMSettings:
             raise ValueError("PRIM without IoU head and without mask-embedding fusion would be unused")
         if self.grid_size < 1:
             raise ValueError(f"grid_size must be at least 1, got {self.grid_size}")
+        check_grid_aggregation(self.grid_aggregation)
+
+    @property
+    def uses_grid(self) -> bool:
+        """Whether automatic prompts are a point grid that ``grid_aggregation`` combines."""
+        return self.prompt_mode == "points" and self.use_prim
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -101,7 +107,8 @@ class DeSAM(nn.Module):
     ``fused_attention`` (SDPA with the relative-position bias folded in, see ``fast_attention``;
     off = segment_anything's own attention) and ``prompt_shared_decoding`` (PDMM's image-only
     branches run once per image, not once per grid prompt). Grid prompts go through PRIM and
-    PDMM ``prompt_chunk_size`` at a time, which bounds memory for any grid size.
+    PDMM ``prompt_chunk_size`` image·prompt pairs at a time, which bounds memory for any grid
+    and batch size.
     """
 
     def __init__(
@@ -115,6 +122,8 @@ class DeSAM(nn.Module):
         prompt_chunk_size: int = PROMPT_CHUNK_SIZE,
     ):
         super().__init__()
+        if settings.uses_grid:
+            check_grid_aggregation(settings.grid_aggregation, num_classes)
         config = SAMConfig.from_state_dict(sam_state_dict)
         self.settings = settings
         self.sam_config = config
@@ -237,9 +246,10 @@ class DeSAM(nn.Module):
     def _decode_prompts(self, taps, embedding, sparse, dense, prompts_per_image: int) -> Tuple[List[torch.Tensor], Optional[torch.Tensor]]:
         """PRIM + PDMM for P prompts per image → outputs (a list: [full] or [full, half]) and IoU B×P×(K-1) or None.
 
-        One prompt per image gives its logits. More are combined (module docstring) into
-        log-probabilities B×K×h×w, ``prompt_chunk_size`` prompts at a time, so that memory does not
-        grow with the grid: PRIM and PDMM hold (B·chunk)×D×G×G and (B·chunk)×D/4×4G×4G tensors.
+        One prompt per image gives its logits. More are combined by ``settings.grid_aggregation``
+        into log-probabilities B×K×h×w, in passes of at most ``prompt_chunk_size`` image·prompt
+        pairs (:func:`prompt_passes`), so that memory grows neither with the grid nor with the
+        batch: PRIM and PDMM hold (pairs)×D×G×G and (pairs)×D/4×4G×4G tensors.
         """
         batch = embedding.shape[0]
         features = self.decoder.encode_taps(taps) if self.prompt_shared_decoding else None
@@ -247,19 +257,23 @@ class DeSAM(nn.Module):
         if prompts_per_image == 1:
             mask_embedding, iou = self.prim(embedding, dense_pe, sparse, dense)
             return _as_list(self._decode(taps, features, mask_embedding, 1)), None if iou is None else iou.view(batch, 1, -1)
-        sums, ious = None, []
-        for start in range(0, prompts_per_image, self.prompt_chunk_size):
-            chunk = slice(start, start + self.prompt_chunk_size)
-            chunk_sparse, chunk_dense = (t.unflatten(0, (batch, prompts_per_image))[:, chunk].flatten(0, 1) for t in (sparse, dense))
-            prompts = chunk_sparse.shape[0] // batch
-            mask_embedding, iou = self.prim(embedding, dense_pe, chunk_sparse, chunk_dense)
-            iou = None if iou is None else iou.view(batch, prompts, -1)
-            logits = _as_list(self._decode(taps, features, mask_embedding, prompts))
-            chunk_sums = [weighted_probability_sums(o, iou, prompts) for o in logits]
-            sums = chunk_sums if sums is None else [(n + cn, d + cd) for (n, d), (cn, cd) in zip(sums, chunk_sums)]
-            ious.append(iou)
-        outputs = [(numerator / denominator).clamp_min(1e-8).log() for numerator, denominator in sums]
-        return outputs, None if ious[0] is None else torch.cat(ious, dim=1)
+        sparse, dense = (t.unflatten(0, (batch, prompts_per_image)) for t in (sparse, dense))
+        aggregators, ious = None, None
+        for images, prompts in prompt_passes(batch, prompts_per_image, self.prompt_chunk_size):
+            pass_sparse, pass_dense = (t[images, prompts] for t in (sparse, dense))
+            count = pass_sparse.shape[1]
+            mask_embedding, iou = self.prim(embedding[images], dense_pe, pass_sparse.flatten(0, 1), pass_dense.flatten(0, 1))
+            iou = None if iou is None else iou.view(-1, count, iou.shape[-1])
+            pass_features = None if features is None else [f[images] for f in features]
+            logits = _as_list(self._decode([t[images] for t in taps], pass_features, mask_embedding, count))
+            if aggregators is None:
+                aggregators = [GridAggregator(self.settings.grid_aggregation, batch, prompts_per_image) for _ in logits]
+                ious = None if iou is None else iou.new_zeros(batch, prompts_per_image, iou.shape[-1])
+            for aggregator, output in zip(aggregators, logits):
+                aggregator.add(images, prompts, output, iou)
+            if iou is not None:
+                ious[images, prompts] = iou
+        return [aggregator.result() for aggregator in aggregators], ious
 
     def _decode(self, taps, features, mask_embedding, prompts_per_image):
         """PDMM per prompt; image-only ``features`` (PDMM.encode_taps) are shared across prompts, or
@@ -270,19 +284,17 @@ class DeSAM(nn.Module):
         return self.decoder(repeated_taps, mask_embedding)
 
 
-def weighted_probability_sums(logits: torch.Tensor, iou: Optional[torch.Tensor], prompts_per_image: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(B·P)×K×h×w logits of P prompts per image → Σ_i w_i·softmax(z_i) (B×K×h×w) and Σ_i w_i (B×K×1×1).
+def prompt_passes(batch: int, prompts_per_image: int, pairs_per_pass: int) -> List[Tuple[slice, slice]]:
+    """(images, prompts) slices of the PRIM/PDMM passes over B images × P prompts, ≤ ``pairs_per_pass`` pairs each.
 
-    w_ik = clamp(IoU_ik, 1e-3, 1) for foreground class k, their mean for the background; 1 without IoU.
+    Whole images (all P prompts of ⌊pairs/P⌋ images) when the grid fits into a pass, else one
+    image's prompts ``pairs_per_pass`` at a time; every pass has the same prompts per image.
     """
-    probabilities = logits.float().softmax(1).unflatten(0, (-1, prompts_per_image))  # B×P×K×h×w
-    if iou is None:
-        weights = probabilities.new_ones(probabilities.shape[:3])
-    else:
-        foreground = iou.float().clamp(MIN_PROMPT_WEIGHT, 1.0)  # B×P×(K-1)
-        weights = torch.cat([foreground.mean(-1, keepdim=True), foreground], dim=-1)
-    weights = weights[..., None, None]
-    return (weights * probabilities).sum(1), weights.sum(1)
+    if pairs_per_pass >= prompts_per_image:
+        images = pairs_per_pass // prompts_per_image
+        return [(slice(start, start + images), slice(None)) for start in range(0, batch, images)]
+    return [(slice(image, image + 1), slice(start, start + pairs_per_pass))
+            for image in range(batch) for start in range(0, prompts_per_image, pairs_per_pass)]
 
 
 def _as_list(outputs) -> List[torch.Tensor]:

@@ -16,7 +16,12 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 
 from nnunetv2_desam.console import report_desam_errors_in_one_line
-from nnunetv2_desam.environment_variables import apply_training_overrides, grid_size_from_environment, sam_checkpoint_path
+from nnunetv2_desam.environment_variables import (
+    apply_training_overrides,
+    grid_aggregation_from_environment,
+    grid_size_from_environment,
+    sam_checkpoint_path,
+)
 from nnunetv2_desam.errors import ConfigurationError
 from nnunetv2_desam.networks.desam import DeSAM, DeSAMSettings
 from nnunetv2_desam.networks.prompts import sample_training_points
@@ -55,11 +60,17 @@ class nnUNetTrainerDeSAM(nnUNetTrainer):
 
     @classmethod
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels, num_output_channels, enable_deep_supervision: bool = True) -> DeSAM:
-        """The SAM file comes from DESAM_SAM_CHECKPOINT (called by the trainer and by nnUNetv2_predict)."""
+        """The SAM file comes from DESAM_SAM_CHECKPOINT, the grid from DESAM_GRID_SIZE and DESAM_GRID_AGGREGATION
+        (called by the trainer and by nnUNetv2_predict)."""
         report_desam_errors_in_one_line()
         if len(configuration_manager.patch_size) != 2:
             raise ConfigurationError("DeSAM is a 2D method, use -c 2d")
-        settings = DeSAMSettings(**{**cls.desam_settings.to_dict(), "grid_size": grid_size_from_environment(cls.desam_settings.grid_size)})
+        default = cls.desam_settings
+        settings = DeSAMSettings(**{
+            **default.to_dict(),
+            "grid_size": grid_size_from_environment(default.grid_size),
+            "grid_aggregation": grid_aggregation_from_environment(default.grid_aggregation),
+        })
         network = DeSAM.from_sam_checkpoint(sam_checkpoint_path(), num_input_channels, num_output_channels, settings=settings)
         network.decoder.deep_supervision = enable_deep_supervision
         return network

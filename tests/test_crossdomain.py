@@ -331,7 +331,7 @@ def test_demo_end_to_end_then_upper_bound_and_resume(tmp_path, monkeypatch, caps
     assert run_main(argv + ["--overwrite-split"]) == 0
     second = capsys.readouterr().out
     commands = [line.split("$ ", 1)[1] for line in second.splitlines() if line.startswith("  $ ")]
-    assert [command.split()[0] for command in commands] == [
+    assert [next(word for word in command.split() if word.startswith("nnUNetv2_")) for command in commands] == [
         "nnUNetv2_plan_and_preprocess", "nnUNetv2_train", "nnUNetv2_predict", "nnUNetv2_evaluate_folder"]
     assert all("902" in command for command in commands)
     validation = json.loads(target_split.read_text())[0]["val"]

@@ -22,7 +22,7 @@ RESUME_HINT = "run the same command again to resume"
 
 def _methods_help() -> str:
     tables = "; ".join(f"{table}: {' '.join(rows)}" for table, rows in TABLE_ROWS.items())
-    return (f"rows by name, in table order: {', '.join(METHODS)}, or a whole paper table ({tables}); rows of a table "
+    return (f"rows by name, in the order given: {', '.join(METHODS)}, or a whole paper table ({tables}); rows of a table "
             f"whose trainer is not installed are left out with a note, a row named on its own must be installed "
             f"(default without -tr: {' '.join(DEFAULT_ROWS)}). The baseline is {BASELINE}, or {BUDGET_BASELINE} "
             f"(the same trainer honouring the budget) when a budget is given")
@@ -126,7 +126,7 @@ def describe(experiment: Experiment) -> str:
     if experiment.budget:
         ignoring = [trainer for trainer in experiment.trainers if not honours_budget(experiment.trainer_classes[trainer])]
         if ignoring:
-            lines.append(f"warning:   {', '.join(ignoring)} ignore(s) the budget and train(s) their own schedule "
+            lines.append(f"warning:   not honouring the budget, trained on their own schedule: {', '.join(ignoring)} "
                          f"({BASELINE}: 1000 epochs; {BUDGET_BASELINE} honours the budget)")
     if SAM_CHECKPOINT_VARIABLE in experiment.environment:
         lines.append(f"SAM:       {experiment.environment[SAM_CHECKPOINT_VARIABLE]}")

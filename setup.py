@@ -55,7 +55,7 @@ setup(
             "nnUNetv2_desam_trainer_path = nnunetv2_desam.trainer_search_path:main",
             "nnUNetv2_desam_convert_prostate = nnunetv2_desam.experiments.convert_prostate:main",
             "nnUNetv2_desam_convert_abdominal = nnunetv2_desam.experiments.convert_abdominal:main",
-            "nnUNetv2_desam_crossdomain = nnunetv2_desam.experiments.crossdomain:main",
+            "nnUNetv2_desam_crossdomain = nnunetv2_desam.experiments.crossdomain.cli:main",
             "nnUNetv2_desam_demo = nnunetv2_desam.experiments.demo:main",
         ]
     },

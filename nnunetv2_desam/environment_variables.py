@@ -5,6 +5,7 @@ that must reach them (the SAM file, the inference grid, a shortened budget) trav
 variables; every reader goes through :func:`positive_int`.
 """
 
+import argparse
 import os
 from typing import Mapping, Optional
 
@@ -30,6 +31,14 @@ def positive_int(text: str, name: str) -> int:
     return int(text)
 
 
+def positive_int_argument(text: str) -> int:
+    """:func:`positive_int` as an argparse ``type``: a bad value becomes argparse's usage message."""
+    try:
+        return positive_int(text, "the value")
+    except ConfigurationError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def positive_int_from_environment(variable: str, environment: Mapping[str, str] = os.environ) -> Optional[int]:
     """The value of ``variable`` as a positive integer, None when unset or empty."""
     value = environment.get(variable, "")
@@ -37,13 +46,19 @@ def positive_int_from_environment(variable: str, environment: Mapping[str, str] 
 
 
 def sam_checkpoint_path(environment: Mapping[str, str] = os.environ) -> str:
-    """The SAM file named by ``DESAM_SAM_CHECKPOINT``; :class:`ConfigurationError` when it is unset."""
+    """The SAM file named by ``DESAM_SAM_CHECKPOINT``; :class:`ConfigurationError` when it is unset or a directory."""
     path = environment.get(SAM_CHECKPOINT_VARIABLE)
     if not path:
         urls = ", ".join(OFFICIAL_CHECKPOINT_URLS.values())
         raise ConfigurationError(
             f"{SAM_CHECKPOINT_VARIABLE} is not set. Point it at an official SAM checkpoint file "
             f"(download one of {urls}), e.g. export {SAM_CHECKPOINT_VARIABLE}=/path/to/sam_vit_h_4b8939.pth"
+        )
+    if os.path.isdir(path):
+        inside = sorted(name for name in os.listdir(path) if name.endswith(".pth"))
+        raise ConfigurationError(
+            f"{SAM_CHECKPOINT_VARIABLE}={path} is a directory; it must name the checkpoint file itself"
+            + (f", e.g. {os.path.join(path, inside[0])}" if inside else " (this directory holds no .pth file)")
         )
     return path
 

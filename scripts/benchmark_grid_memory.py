@@ -25,28 +25,16 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import GIB, MODELS, REPOSITORY, autocast, machine_info, nnunet_dtype, random_sam_state_dict  # noqa: E402
-
-from nnunetv2_desam.networks.desam import DeSAM, DeSAMSettings  # noqa: E402
-from nnunetv2_desam.networks.grid_aggregation import GRID_AGGREGATIONS  # noqa: E402
+from benchmarking.measurement import (GIB, autocast, machine_info, nnunet_dtype, reset_resident_peak,
+                                     resident_peak_bytes)
+from benchmarking.report import RESULTS_FOLDER
+from benchmarking.workload import MODELS, random_sam_state_dict
+from nnunetv2_desam.environment_variables import positive_int_argument
+from nnunetv2_desam.networks.desam import DeSAM, DeSAMSettings
+from nnunetv2_desam.networks.grid_aggregation import GRID_AGGREGATIONS
 
 SLICE = (384, 384)
 NUM_CLASSES = 3
-
-
-def resident_peak_bytes() -> int:
-    """This process's peak resident set size (Linux VmHWM)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def reset_resident_peak() -> int:
-    """Reset the peak RSS to the current RSS (Linux clear_refs) and return it."""
-    Path("/proc/self/clear_refs").write_text("5")
-    return resident_peak_bytes()
 
 
 def measure_one(model: str, device: torch.device, rule: str, grid: int, chunk: int, batch: int, logits_path: Path) -> dict:
@@ -117,7 +105,7 @@ def format_table(results: list, device: str) -> str:
 
 def grid_chunk_batch(text: str) -> tuple:
     """GRID:CHUNK or GRID:CHUNK:BATCH (batch 1 by default)."""
-    values = [int(v) for v in text.split(":")]
+    values = [positive_int_argument(v) for v in text.split(":")]
     if len(values) not in (2, 3):
         raise argparse.ArgumentTypeError(f"expected GRID:CHUNK[:BATCH], got {text!r}")
     return (*values, 1)[:3]
@@ -145,7 +133,7 @@ def main(argv=None) -> int:
     results = run_settings(args)
     report = {"machine": machine_info(torch.device(args.device)), "model": args.model, "slice": list(SLICE),
               "aggregation": args.aggregation, "results": results}
-    output = args.output or REPOSITORY / "benchmark_results" / f"grid_memory_{args.device}.json"
+    output = args.output or RESULTS_FOLDER / f"grid_memory_{args.device}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2))
     print(format_table(results, args.device))

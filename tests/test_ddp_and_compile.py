@@ -89,7 +89,7 @@ def test_training_steps_of_every_mode_run_under_two_process_gloo_ddp(tiny_sam_ch
         assert all(torch.allclose(first[k].float(), second[k].float(), atol=1e-6) for k in first), mode  # replicas in sync
 
 
-CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA; run by scripts/gpu_check.sh")
+CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA; run by scripts/gpu_check/gpu_check.sh")
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA_ONLY)])

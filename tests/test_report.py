@@ -274,11 +274,21 @@ def test_in_domain_column_comes_first_and_stays_out_of_overall(results, tmp_path
 
 
 def test_bar_chart_and_grid_size_plot(results, tmp_path):
-    plot_bar_chart(results, str(tmp_path / "bars.png"))
+    bars = plot_bar_chart(results, str(tmp_path / "bars.png"), note="DEMO ONLY, untrained encoder")
     _assert_png(tmp_path / "bars.png")
-    plot_dice_vs_grid_size(list(range(3, 17)), np.linspace(0.70, 0.80, 14), np.linspace(0.65, 0.75, 14),
-                           np.linspace(0.75, 0.85, 14), str(tmp_path / "grid.png"))
+    assert bars.get_suptitle() == "DEMO ONLY, untrained encoder"
+    grid = plot_dice_vs_grid_size(list(range(3, 17)), np.linspace(0.70, 0.80, 14), np.linspace(0.65, 0.75, 14),
+                                  np.linspace(0.75, 0.85, 14), str(tmp_path / "grid.png"))
     _assert_png(tmp_path / "grid.png")
+    assert grid.get_suptitle() == "" and grid.axes[0].get_ylim() == pytest.approx((64.0, 86.0))
+
+
+@pytest.mark.parametrize("dice, expected", [(0.45, (40.0, 50.0)), (0.995, (90.0, 100.0)), (0.0, (0.0, 10.0))])
+def test_a_flat_grid_size_curve_is_drawn_flat(tmp_path, dice, expected):
+    """No auto-zoom into a band a thousandth wide: the y axis spans at least 10 Dice points, within 0-100 %."""
+    flat = np.full(4, dice)
+    figure = plot_dice_vs_grid_size([3, 5, 9, 16], flat, flat, flat, str(tmp_path / "flat.png"))
+    assert figure.axes[0].get_ylim() == pytest.approx(expected)
 
 
 def test_overlays(tmp_path):
@@ -298,7 +308,9 @@ def test_overlays(tmp_path):
             _write_nifti(paths[name], array)
         rows.append(OverlayRow(target, str(paths["image"]), str(paths["gt"]),
                                {"nnUNet": str(paths["nnUNet"]), "DeSAM": str(paths["DeSAM"])}))
-    plot_overlays(str(tmp_path / "overlays.png"), rows)
+    figure = plot_overlays(str(tmp_path / "overlays.png"), rows, classes=LABELS, note="DEMO ONLY")
     _assert_png(tmp_path / "overlays.png")
+    assert [text.get_text() for text in figure.legends[0].get_texts()] == ["liver", "kidney"]
+    assert figure.axes[0].get_ylabel() == "SiteB\nslice 3" and figure.get_suptitle() == "DEMO ONLY"
     with pytest.raises(ValueError):
         plot_overlays(str(tmp_path / "bad.png"), [rows[0], OverlayRow("x", rows[1].image, rows[1].ground_truth, {})])

@@ -30,6 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
+from nnunetv2_desam.environment_variables import positive_int_argument
 from nnunetv2_desam.experiments.raw_dataset import (ConversionError, ConversionResult, DatasetSpec, Log,
                                                     SourceCase, convert_datasets, dataset_folder_name,
                                                     format_values, nifti_stem, resolve_raw_folder,
@@ -164,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-i", "--input", required=True, type=Path, metavar="INPUT_ROOT",
                         help="folder holding the site folders")
-    parser.add_argument("-d", "--dataset-id", required=True, type=int, metavar="DATASET_ID",
+    parser.add_argument("-d", "--dataset-id", required=True, type=positive_int_argument, metavar="DATASET_ID",
                         help="id of the RUNMC dataset; the other sites follow consecutively (see below)")
     parser.add_argument("--raw", metavar="NNUNET_RAW",
                         help="output nnUNet_raw folder (default: the nnUNet_raw environment variable)")

@@ -47,6 +47,7 @@ setup(
         "SimpleITK>=2.2.1",
         "acvl-utils>=0.2.6",
         "matplotlib",
+        "scipy>=1.15",  # scipy.stats.bootstrap(rng=...)
     ],
     extras_require={"test": ["pytest>=7"]},
     cmdclass={"build_py": BuildPyWithPth, "editable_wheel": EditableWheelWithPth},

@@ -30,13 +30,13 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import GIB, MODELS, REPOSITORY, machine_info, random_sam_state_dict  # noqa: E402
-from benchmark_grid_memory import reset_resident_peak, resident_peak_bytes  # noqa: E402
+from benchmarking.measurement import GIB, machine_info, reset_resident_peak, resident_peak_bytes
+from benchmarking.report import RESULTS_FOLDER
+from benchmarking.workload import MODELS, random_sam_state_dict
 
-from nnunetv2_desam.experiments.synthetic import DEFAULT_DOMAINS, LABELS, synthetic_case  # noqa: E402
-from nnunetv2_desam.networks.medsam import MedSAM  # noqa: E402
-from nnunetv2_desam.trainers.nnUNetTrainerMedSAM import nnUNetTrainerMedSAM  # noqa: E402
+from nnunetv2_desam.experiments.synthetic import DEFAULT_DOMAINS, LABELS, synthetic_case
+from nnunetv2_desam.networks.medsam import MedSAM
+from nnunetv2_desam.trainers.nnUNetTrainerMedSAM import nnUNetTrainerMedSAM
 
 NUM_CLASSES = len(LABELS)
 
@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     if args.precision_slices:
         print("precision check ...", file=sys.stderr, flush=True)
         report["precision"] = measure_precision(args.model, device, args.precision_slices, args.patch)
-    output = args.output or REPOSITORY / "benchmark_results" / f"medsam_{args.model}_{args.device}.json"
+    output = args.output or RESULTS_FOLDER / f"medsam_{args.model}_{args.device}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2))
     print(format_tables(report))

@@ -26,6 +26,8 @@ class nnUNetTrainerSAMFineTuning(nnUNetTrainer):
     """
 
     method = ""
+    requires_sam_checkpoint = True  # read by nnUNetv2_desam_crossdomain's checks
+    honours_desam_budget = True
     learning_rate = 0.0
     adamw_weight_decay = 0.0
     adamw_betas = (0.9, 0.999)  # both authors' AdamW (SAMed explicitly, MedSAM by PyTorch's default)

@@ -123,6 +123,9 @@ def describe(experiment: Experiment) -> str:
         lines.append(f"upper bound: {experiment.baseline} trained on each target, scored on its validation cases")
     if experiment.grid_sizes:
         lines.append(f"grid sizes: {', '.join(map(str, experiment.grid_sizes))} (main grid {experiment.main_grid_size})")
+    if any(experiment.uses_grid(trainer) for trainer in experiment.trainers):
+        lines.append(f"grid:      {experiment.main_grid_size}×{experiment.main_grid_size} points, "
+                     f"combined by '{experiment.grid_aggregation}'")
     if experiment.budget:
         ignoring = [trainer for trainer in experiment.trainers if not honours_budget(experiment.trainer_classes[trainer])]
         if ignoring:

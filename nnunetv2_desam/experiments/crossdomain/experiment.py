@@ -19,7 +19,7 @@ from typing import Mapping, Sequence
 import torch
 from nnunetv2.utilities.file_path_utilities import get_output_folder
 
-from nnunetv2_desam.environment_variables import (BUDGET_VARIABLES, GRID_SIZE_VARIABLE, positive_int,
+from nnunetv2_desam.environment_variables import (BUDGET_VARIABLES, GRID_SIZE_VARIABLE, grid_aggregation_from_environment, positive_int,
                                                   positive_int_from_environment, sam_checkpoint_path)
 from nnunetv2_desam.errors import ExperimentError
 from nnunetv2_desam.experiments import report
@@ -81,6 +81,7 @@ class Experiment:
     protocol: str
     grid_sizes: list[int]
     main_grid_size: int
+    grid_aggregation: str
     budget: dict[str, int]
     output: Path
     device: str
@@ -190,7 +191,8 @@ def build_experiment(args: argparse.Namespace, environment: Mapping[str, str], n
     experiment = Experiment(
         source=source, targets=targets, trainers=trainers, baseline=baseline, upper_bound=upper_bound,
         protocol=args.protocol, grid_sizes=sorted(set(args.grid_sizes or [])),
-        main_grid_size=main_grid_size(environment), budget=budget,
+        main_grid_size=main_grid_size(environment),
+        grid_aggregation=grid_aggregation_from_environment(DeSAMSettings.grid_aggregation, environment), budget=budget,
         output=(args.output or Path(f"crossdomain_{source.name}")).resolve(),
         device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), split_seed=args.split_seed,
         overwrite_split=args.overwrite_split, seed=args.seed, n_boot=args.n_boot, environment=environment,

@@ -2,7 +2,7 @@
 budgets, inference settings), written under the table's title and printed with it."""
 from __future__ import annotations
 
-from nnunetv2_desam.environment_variables import GRID_SIZE_VARIABLE
+from nnunetv2_desam.environment_variables import GRID_AGGREGATION_VARIABLE, GRID_SIZE_VARIABLE
 from nnunetv2_desam.experiments import report
 from nnunetv2_desam.experiments.crossdomain.experiment import CHECKPOINT, FOLD, Experiment, training_record
 from nnunetv2_desam.experiments.crossdomain.methods import BUDGET_BASELINE, UPPER_BOUND
@@ -46,10 +46,14 @@ def report_notes(experiment: Experiment) -> list[str]:
                                  for t in experiment.targets) + ".")
     if experiment.protocol == "foreground-slices":
         notes.append("Protocol: Dice over the slices (first image axis) where the reference has foreground, as the "
-                     "authors score; their 50-pixel border zeroing and mask-generator filtering are not applied.")
+                     "authors score, with their border zeroing: 50/256 of each slice axis (their 50 px on 256² slices) "
+                     "set to background in the prediction, not in the reference.")
     if any(experiment.uses_grid(trainer) for trainer in experiment.trainers):
         notes.append(f"Inference: point-prompt DeSAM trainers with a {experiment.main_grid_size}×"
-                     f"{experiment.main_grid_size} grid ({GRID_SIZE_VARIABLE}).")
+                     f"{experiment.main_grid_size} grid ({GRID_SIZE_VARIABLE}), prompts combined by "
+                     f"'{experiment.grid_aggregation}' ({GRID_AGGREGATION_VARIABLE}"
+                     + ("; prompts with predicted IoU ≤ 0.5 do not count, a tile where none passes is background)."
+                        if experiment.grid_aggregation == "gated" else ")."))
     notes.append("nnU-Net trainers predict with their default test-time mirroring; DeSAM trainers without it "
                  "(their setting).")
     return notes

@@ -132,7 +132,8 @@ def prediction_stamp(experiment: Experiment, prediction: Prediction) -> dict:
     checkpoint = experiment.model_folder(prediction.model_dataset, prediction.trainer) / CHECKPOINT
     return {"checkpoint": str(checkpoint), "checkpoint_mtime_ns": checkpoint.stat().st_mtime_ns,
             "input": str(experiment.input_folder(prediction)), "cases": experiment.cases(prediction),
-            "grid_size": prediction.grid_size}
+            "grid_size": prediction.grid_size,
+            "grid_aggregation": experiment.grid_aggregation if prediction.grid_size else None}
 
 
 def prediction_is_done(experiment: Experiment, prediction: Prediction) -> bool:

@@ -157,7 +157,7 @@ def test_prediction_with_another_sam_file_is_refused(trained, other_tiny_sam_che
     images = root / "raw" / TARGET_NAME / "imagesTr"
     result = run(["nnUNetv2_predict", "-i", str(images), "-o", str(tmp_path), "-d", str(SOURCE), "-c", "2d", "-tr", "nnUNetTrainerDeSAM", "-f", "0", "-device", "cpu"], env, expect_success=False)
     assert result.returncode != 0
-    assert "nnunetv2-desam: these DeSAM weights were trained with SAM weights of fingerprint" in result.stderr
+    assert "nnunetv2-desam: error: these DeSAM weights were trained with SAM weights of fingerprint" in result.stderr
     assert "Traceback" not in result.stderr
     assert not list(tmp_path.glob("*.nii.gz"))
 

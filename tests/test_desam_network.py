@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
 
 from nnunetv2_desam.networks.desam import DeSAM, DeSAMSettings, channel_mixing_matrix, prompt_passes
 from nnunetv2_desam.networks.grid_aggregation import weighted_probability_sums
@@ -286,11 +287,33 @@ def test_checkpoints_hold_no_sam_weights_and_reload(sam_state_dict):
     state = network.state_dict()
     assert not any(k.startswith(("image_encoder.", "prompt_encoder.")) for k in state)
     assert "sam_fingerprint" in state
-    fresh = make_desam(sam_state_dict)
-    fresh.load_state_dict(state)
-    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in state.items())
-    wrapped = torch.nn.Sequential(fresh)  # loading from a parent module (e.g. torch.compile's wrapper)
-    wrapped.load_state_dict({f"0.{k}": v for k, v in state.items()})
+    for seed in (1, 2):  # other PRIM/PDMM weights than the saved ones, so that loading has to change them
+        torch.manual_seed(seed)
+        fresh = DeSAM(sam_state_dict, 1, 3, FULL)
+        assert not torch.equal(fresh.state_dict()["decoder.deep_branch.conv1.conv.weight"], state["decoder.deep_branch.conv1.conv.weight"])
+        # loading directly, and from a parent module (e.g. torch.compile's wrapper)
+        target = fresh if seed == 1 else torch.nn.Sequential(fresh)
+        target.load_state_dict(state if seed == 1 else {f"0.{k}": v for k, v in state.items()})
+        assert all(torch.equal(fresh.state_dict()[k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("settings", ALL_SETTINGS, ids=lambda s: f"{s.prompt_mode}-prim{s.use_prim}-iou{s.use_iou_head}-mef{s.fuse_mask_embedding}")
+def test_nnunet_pretrained_weights_skip_exactly_the_class_count_dependent_layers(sam_state_dict, settings, tmp_path):
+    """nnU-Net's load_pretrained_weights (nnUNetv2_train -pretrained_weights) requires every key to match in
+    shape except those containing '.seg_layers.', which it leaves at the new network's initialisation."""
+    three_classes = make_desam(sam_state_dict, classes=3, settings=settings)
+    torch.manual_seed(1)
+    five_classes = DeSAM(sam_state_dict, 1, 5, settings)
+    saved, initial = three_classes.state_dict(), five_classes.state_dict()
+    assert saved.keys() == initial.keys()
+    assert {k for k in saved if saved[k].shape != initial[k].shape} == {k for k in saved if ".seg_layers." in k}
+    assert {k for k in saved if ".seg_layers." in k} >= {"decoder.seg_layers.0.weight", "decoder.seg_layers.1.weight"}
+    assert ("prim.iou_prediction_head.seg_layers.0.weight" in saved) == settings.use_iou_head
+    torch.save({"network_weights": saved}, tmp_path / "checkpoint_final.pth")
+    load_pretrained_weights(five_classes, str(tmp_path / "checkpoint_final.pth"))
+    loaded = five_classes.state_dict()
+    for key in saved:
+        assert torch.equal(loaded[key], initial[key] if ".seg_layers." in key else saved[key]), key
 
 
 def test_weights_trained_on_another_sam_are_refused(sam_state_dict, other_tiny_sam_checkpoint):
@@ -303,8 +326,8 @@ def test_weights_trained_on_another_sam_are_refused(sam_state_dict, other_tiny_s
 def test_incomplete_trained_weights_are_still_refused(sam_state_dict):
     network = make_desam(sam_state_dict)
     state = network.state_dict()
-    del state["decoder.head.weight"]
-    with pytest.raises(RuntimeError, match="decoder.head.weight"):
+    del state["decoder.seg_layers.0.weight"]
+    with pytest.raises(RuntimeError, match="decoder.seg_layers.0.weight"):
         network.load_state_dict(state)
 
 

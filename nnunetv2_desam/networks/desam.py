@@ -31,6 +31,7 @@ from torch import nn
 
 from nnunetv2_desam.networks.fast_attention import fuse_encoder_attention
 from nnunetv2_desam.networks.grid_aggregation import GridAggregator, check_grid_aggregation
+from nnunetv2_desam.networks.fingerprint_cache import load_sam_state_dict_and_fingerprint
 from nnunetv2_desam.networks.pdmm import PDMM
 from nnunetv2_desam.networks.prim import PRIM
 from nnunetv2_desam.networks.prompts import grid_points
@@ -40,7 +41,6 @@ from nnunetv2_desam.networks.sam_checkpoint import (
     SAMConfig,
     build_image_encoder,
     build_prompt_encoder,
-    load_sam_state_dict,
     sam_fingerprint,
     sub_state_dict,
 )
@@ -120,6 +120,7 @@ class DeSAM(nn.Module):
         prompt_shared_decoding: bool = True,
         fused_attention: bool = True,
         prompt_chunk_size: int = PROMPT_CHUNK_SIZE,
+        fingerprint: Optional[str] = None,
     ):
         super().__init__()
         if settings.uses_grid:
@@ -148,15 +149,20 @@ class DeSAM(nn.Module):
         self.register_buffer("channel_mixing", channel_mixing_matrix(num_input_channels), persistent=False)
         self.register_buffer("pixel_mean", torch.tensor(SAM_PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(SAM_PIXEL_STD).view(1, 3, 1, 1), persistent=False)
-        digest = bytes.fromhex(sam_fingerprint(sam_state_dict))
+        digest = bytes.fromhex(fingerprint or sam_fingerprint(sam_state_dict))  # known already when read from a file
         self.register_buffer("sam_fingerprint", torch.tensor(list(digest), dtype=torch.uint8))
         self.register_state_dict_post_hook(_drop_frozen_weights)
         self.register_load_state_dict_pre_hook(_check_and_complete_frozen_weights)
 
     @classmethod
     def from_sam_checkpoint(cls, path: str, num_input_channels: int, num_classes: int, **kwargs) -> "DeSAM":
-        """Build from an official-layout SAM file (ViT-B/L/H or smaller); the file decides the size."""
-        return cls(load_sam_state_dict(path), num_input_channels, num_classes, **kwargs)
+        """Build from an official-layout SAM file (ViT-B/L/H or smaller); the file decides the size.
+
+        The file's fingerprint is hashed once and then read from a cache while the file is unchanged
+        (:mod:`~nnunetv2_desam.networks.fingerprint_cache`).
+        """
+        state_dict, fingerprint = load_sam_state_dict_and_fingerprint(path)
+        return cls(state_dict, num_input_channels, num_classes, fingerprint=fingerprint, **kwargs)
 
     @property
     def fingerprint(self) -> str:

@@ -201,7 +201,7 @@ RULES = {"gated": 3, "mean": 3, "authors": 2}  # rule: classes (the authors' seq
 def spread_iou_head(network: DeSAM, x: torch.Tensor, centres=(0.5, 0.4)) -> None:
     """A set IoU head: its last layer ×10 and shifted so that the grid prompts' IoUs on ``x`` have the given
     median per class; the prompts then score on both sides of the 0.5 threshold."""
-    layer = network.prim.iou_prediction_head.layers[-1]
+    layer = network.prim.iou_prediction_head.seg_layers[0]
     points = grid_points(network.settings.grid_size, tuple(x.shape[-2:])).expand(x.shape[0], -1, -1)
     with torch.no_grad():
         layer.weight.mul_(10.0), layer.bias.mul_(10.0)

@@ -28,6 +28,7 @@ what the MR dataset gets.
 from __future__ import annotations
 
 import argparse
+import sys
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,8 +188,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     without_id = [m for m, dataset_id in dataset_ids.items() if dataset_id is None]
     if without_id:
         parser.error(f"no dataset id for {', '.join(without_id)}: give -d DATASET_ID or --ct-id/--mr-id")
-    run_converter(PROG, lambda: convert_abdominal(args.input, resolve_raw_folder(args.raw), dataset_ids,
-                                                  args.overwrite))
+    sys.exit(run_converter(PROG, lambda: convert_abdominal(args.input, resolve_raw_folder(args.raw), dataset_ids,
+                                                  args.overwrite)))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ values (or partial-volume values left by resampling) are refused rather than gue
 from __future__ import annotations
 
 import argparse
+import sys
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,8 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    run_converter(PROG, lambda: convert_prostate(args.input, args.dataset_id, resolve_raw_folder(args.raw),
-                                                 args.sites, args.overwrite))
+    sys.exit(run_converter(PROG, lambda: convert_prostate(args.input, args.dataset_id, resolve_raw_folder(args.raw),
+                                                 args.sites, args.overwrite)))
 
 
 if __name__ == "__main__":

@@ -23,14 +23,12 @@ import numpy as np
 from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 from nnunetv2.utilities.utils import get_identifiers_from_splitted_dataset_folder
 
+from nnunetv2_desam.errors import SplitError
+
 SPLITS_FILE = "splits_final.json"
 DEFAULT_SEED = 12345
 """nnU-Net's own split seed."""
 DEFAULT_TRAIN_FRACTION = 0.9
-
-
-class SplitError(Exception):
-    """The split cannot be made or would replace a different one; the message is for the user."""
 
 
 def compute_source_split(identifiers: Iterable[str], seed: int = DEFAULT_SEED,

@@ -16,6 +16,11 @@ def nnunet_folders(root: Path) -> dict:
     return {f"nnUNet_{n}": str(root / n) for n in ("raw", "preprocessed", "results")}
 
 
+def fold_folder(root: Path, trainer: str, dataset: str = SOURCE_NAME) -> Path:
+    """Where ``nnUNetv2_train <dataset> 2d 0 -tr <trainer>`` writes fold 0 in a workspace made by :func:`make_workspace`."""
+    return root / "results" / dataset / f"{trainer}__nnUNetPlans__2d" / "fold_0"
+
+
 def make_workspace(root: Path, sam_checkpoint: Path) -> dict:
     """nnU-Net folders with a preprocessed source domain (9:1 split) and a raw target domain; returns the environment
     for the nnU-Net commands (a 1-epoch × 2-iteration budget, a 3×3 inference grid, no worker processes)."""

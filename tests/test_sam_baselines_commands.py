@@ -15,13 +15,13 @@ from nnunetv2_desam.networks.sam_checkpoint import load_sam_state_dict, sam_fing
 from nnunetv2_desam.trainers.nnUNetTrainerMedSAM import SAM_ARCHITECTURE_KEY, nnUNetTrainerMedSAM
 from nnunetv2_desam.trainers.nnUNetTrainerSAMed import nnUNetTrainerSAMed
 from tests.commands import run
-from tests.test_trainers_nnunet_commands import SOURCE, SOURCE_NAME, TARGET_NAME, fold_folder, workspace  # noqa: F401 (fixture)
+from tests.nnunet_workspace import SOURCE, SOURCE_NAME, TARGET_NAME, fold_folder
 
 TRAINERS = {"nnUNetTrainerSAMed": nnUNetTrainerSAMed, "nnUNetTrainerMedSAM": nnUNetTrainerMedSAM}
 
 
 @pytest.fixture(scope="module")
-def trained(workspace):  # noqa: F811 (the imported fixture)
+def trained(workspace):
     root, env = workspace
     logs = {t: run(["nnUNetv2_train", str(SOURCE), "2d", "0", "-tr", t, "-device", "cpu"], env).stdout for t in TRAINERS}
     return root, env, logs
@@ -104,7 +104,7 @@ def test_samed_prediction_refuses_another_sam_file_and_a_missing_one(trained, ot
 
 
 @pytest.mark.parametrize("trainer", TRAINERS)
-def test_3d_and_a_missing_sam_file_are_refused_in_training(workspace, trainer, tmp_path):  # noqa: F811
+def test_3d_and_a_missing_sam_file_are_refused_in_training(workspace, trainer, tmp_path):
     root, env = workspace
     command = ["nnUNetv2_train", str(SOURCE), "3d_fullres", "0", "-tr", trainer, "-device", "cpu"]
     result = run(command, env, expect_success=False)
@@ -127,7 +127,7 @@ def make_trainer(root: Path, env: dict, trainer: str):
 
 
 @pytest.mark.parametrize("trainer", TRAINERS)
-def test_a_real_train_step_moves_every_trainable_parameter_and_no_frozen_one(workspace, trainer):  # noqa: F811
+def test_a_real_train_step_moves_every_trainable_parameter_and_no_frozen_one(workspace, trainer):
     root, env = workspace
     instance = make_trainer(root, env, trainer)
     instance.lr_scheduler.step(0)

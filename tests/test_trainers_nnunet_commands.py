@@ -23,15 +23,11 @@ from nnunetv2_desam.trainers.nnUNetTrainerDeSAM import nnUNetTrainerDeSAM
 from nnunetv2_desam.trainers.nnUNetTrainerMaxStyle import IMAGE_DECODER_KEY, nnUNetTrainerMaxStyle
 from nnunetv2_desam.trainers.nnUNetTrainerRandConv import nnUNetTrainerRandConv
 from tests.commands import run
-from tests.nnunet_workspace import SOURCE, SOURCE_NAME, TARGET_NAME, nnunet_folders
+from tests.nnunet_workspace import SOURCE, SOURCE_NAME, TARGET_NAME, fold_folder, nnunet_folders
 
 DESAM_TRAINERS = ["nnUNetTrainerDeSAM", "nnUNetTrainerDeSAM_Box", "nnUNetTrainerDeSAM_PDMMOnly", "nnUNetTrainerDeSAM_NoIoUHead", "nnUNetTrainerDeSAM_NoMEF"]
 DG_TRAINERS = ["nnUNetTrainerAdvBias", "nnUNetTrainerRandConv", "nnUNetTrainerMaxStyle", "nnUNetTrainerCSDG"]  # Table 2's methods
 ALL_TRAINERS = ["nnUNetTrainerBudget"] + DESAM_TRAINERS + DG_TRAINERS
-
-
-def fold_folder(root: Path, trainer: str, dataset: str = SOURCE_NAME) -> Path:
-    return root / "results" / dataset / f"{trainer}__nnUNetPlans__2d" / "fold_0"
 
 
 @pytest.fixture(scope="module")

@@ -5,15 +5,18 @@ that must reach them (the SAM file, the inference grid, a shortened budget, the 
 travel as environment variables; every integer reader goes through :func:`positive_int`.
 """
 
+import argparse
 import math
 import os
 from typing import Mapping, Optional
 
 from nnunetv2_desam.errors import ConfigurationError
+from nnunetv2_desam.networks.grid_aggregation import GRID_AGGREGATIONS
 from nnunetv2_desam.networks.sam_checkpoint import OFFICIAL_CHECKPOINT_URLS
 
 SAM_CHECKPOINT_VARIABLE = "DESAM_SAM_CHECKPOINT"
 GRID_SIZE_VARIABLE = "DESAM_GRID_SIZE"
+GRID_AGGREGATION_VARIABLE = "DESAM_GRID_AGGREGATION"
 BATCH_SIZE_VARIABLE = "DESAM_BATCH_SIZE"
 LEARNING_RATE_VARIABLE = "DESAM_LEARNING_RATE"
 BUDGET_VARIABLES = {  # trainer attribute -> variable
@@ -30,6 +33,14 @@ def positive_int(text: str, name: str) -> int:
     return int(text)
 
 
+def positive_int_argument(text: str) -> int:
+    """:func:`positive_int` as an argparse ``type``: a bad value becomes argparse's usage message."""
+    try:
+        return positive_int(text, "the value")
+    except ConfigurationError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def positive_int_from_environment(variable: str, environment: Mapping[str, str] = os.environ) -> Optional[int]:
     """The value of ``variable`` as a positive integer, None when unset or empty."""
     value = environment.get(variable, "")
@@ -37,13 +48,19 @@ def positive_int_from_environment(variable: str, environment: Mapping[str, str] 
 
 
 def sam_checkpoint_path(environment: Mapping[str, str] = os.environ) -> str:
-    """The SAM file named by ``DESAM_SAM_CHECKPOINT``; :class:`ConfigurationError` when it is unset."""
+    """The SAM file named by ``DESAM_SAM_CHECKPOINT``; :class:`ConfigurationError` when it is unset or a directory."""
     path = environment.get(SAM_CHECKPOINT_VARIABLE)
     if not path:
         urls = ", ".join(OFFICIAL_CHECKPOINT_URLS.values())
         raise ConfigurationError(
             f"{SAM_CHECKPOINT_VARIABLE} is not set. Point it at an official SAM checkpoint file "
             f"(download one of {urls}), e.g. export {SAM_CHECKPOINT_VARIABLE}=/path/to/sam_vit_h_4b8939.pth"
+        )
+    if os.path.isdir(path):
+        inside = sorted(name for name in os.listdir(path) if name.endswith(".pth"))
+        raise ConfigurationError(
+            f"{SAM_CHECKPOINT_VARIABLE}={path} is a directory; it must name the checkpoint file itself"
+            + (f", e.g. {os.path.join(path, inside[0])}" if inside else " (this directory holds no .pth file)")
         )
     return path
 
@@ -66,6 +83,14 @@ def learning_rate_from_environment(default: float, environment: Mapping[str, str
     if not (math.isfinite(rate) and rate > 0):
         raise ConfigurationError(f"{LEARNING_RATE_VARIABLE} must be a positive number, got {value!r}")
     return rate
+
+
+def grid_aggregation_from_environment(default: str, environment: Mapping[str, str] = os.environ) -> str:
+    """How grid prompts are combined (``gated``, ``mean`` or ``authors``), overridable with ``DESAM_GRID_AGGREGATION``."""
+    value = environment.get(GRID_AGGREGATION_VARIABLE, "").strip()
+    if value and value not in GRID_AGGREGATIONS:
+        raise ConfigurationError(f"{GRID_AGGREGATION_VARIABLE} must be one of {', '.join(GRID_AGGREGATIONS)}, got {value!r}")
+    return value or default
 
 
 def budget_from_environment(environment: Mapping[str, str] = os.environ) -> dict:

@@ -24,6 +24,14 @@ class ExperimentError(DeSAMError):
     """A cross-domain experiment (or the demo) that cannot run as asked; found before anything runs."""
 
 
+class ConversionError(DeSAMError):
+    """Bad input to a dataset converter, or an output folder it refuses to replace."""
+
+
+class SplitError(DeSAMError):
+    """A train / in-domain validation split that cannot be made, or would replace a different one."""
+
+
 class StepFailed(DeSAMError):
     """A subprocess step of an experiment failed; the message names the step, the command and its log."""
 

@@ -1,16 +1,18 @@
 #!/usr/bin/env python3
-"""Peak memory and time of grid-prompt inference of one slice, by grid size and prompt chunk size.
+"""Peak memory and time of grid-prompt inference, by grid size, prompt chunk size and batch size.
 
 DeSAM's per-prompt tensors have a fixed size whatever the slice (PRIM: D×64×64, PDMM: D/4×256×256
 for official SAM), so with all N² prompts in one pass memory grows with the grid (fp32 on a CPU,
-ViT-B: +2.2 GiB for 5×5, +6.5 GiB for 9×9). ``prompt_chunk_size`` bounds it. Each setting runs in
-a fresh process with the same random weights and input; memory is the peak above what the process
-held just before the forward pass (CPU: resident set size, its peak reset first; CUDA:
-``torch.cuda.max_memory_allocated``). The combined log-probabilities of each setting are compared
-with those of the first setting of the same grid size.
+ViT-B: +2.2 GiB for 5×5, +6.5 GiB for 9×9). ``prompt_chunk_size`` bounds it: it counts
+image·prompt pairs per PRIM/PDMM pass across the whole batch, so nnU-Net's validation batch of 8
+(setting ``9:27:8``) decodes 27 pairs at a time, not 8 × 27. Each setting runs in a fresh process
+with the same random weights and input (image 0 of every batch is the same slice); memory is the
+peak above what the process held just before the forward pass (CPU: resident set size, its peak
+reset first; CUDA: ``torch.cuda.max_memory_allocated``), so a batch's encoder pass counts too. The
+combined log-probabilities of image 0 are compared with those of the first setting of the same grid.
 
-    python scripts/benchmark_grid_memory.py --device cpu                  # ViT-B, about 5 minutes
-    python scripts/benchmark_grid_memory.py --device cuda --model vit_h --settings 9:81 9:27 16:256 16:27
+    python scripts/benchmark_grid_memory.py --device cpu                  # ViT-B, about 15 minutes
+    python scripts/benchmark_grid_memory.py --device cuda --model vit_h --settings 9:81 9:27 16:256 16:27 9:27:8
 """
 
 import argparse
@@ -23,38 +25,27 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import GIB, MODELS, REPOSITORY, autocast, machine_info, nnunet_dtype, random_sam_state_dict  # noqa: E402
-
-from nnunetv2_desam.networks.desam import DeSAM, DeSAMSettings  # noqa: E402
+from benchmarking.measurement import (GIB, autocast, machine_info, nnunet_dtype, reset_resident_peak,
+                                     resident_peak_bytes)
+from benchmarking.report import RESULTS_FOLDER
+from benchmarking.workload import MODELS, random_sam_state_dict
+from nnunetv2_desam.environment_variables import positive_int_argument
+from nnunetv2_desam.networks.desam import DeSAM, DeSAMSettings
+from nnunetv2_desam.networks.grid_aggregation import GRID_AGGREGATIONS
 
 SLICE = (384, 384)
 NUM_CLASSES = 3
 
 
-def resident_peak_bytes() -> int:
-    """This process's peak resident set size (Linux VmHWM)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def reset_resident_peak() -> int:
-    """Reset the peak RSS to the current RSS (Linux clear_refs) and return it."""
-    Path("/proc/self/clear_refs").write_text("5")
-    return resident_peak_bytes()
-
-
-def measure_one(model: str, device: torch.device, grid: int, chunk: int, logits_path: Path) -> dict:
-    """Build, run one forward pass and save the combined log-probabilities; runs in its own process."""
+def measure_one(model: str, device: torch.device, rule: str, grid: int, chunk: int, batch: int, logits_path: Path) -> dict:
+    """Build, run one forward pass of ``batch`` slices and save image 0's combined log-probabilities; runs in its own process."""
     torch.manual_seed(0)
     state_dict = random_sam_state_dict(model)
-    network = DeSAM(state_dict, 1, NUM_CLASSES, settings=DeSAMSettings(grid_size=grid), prompt_chunk_size=chunk)
+    network = DeSAM(state_dict, 1, NUM_CLASSES, settings=DeSAMSettings(grid_size=grid, grid_aggregation=rule), prompt_chunk_size=chunk)
     network = network.to(device).eval()
     network.decoder.deep_supervision = False
     del state_dict
-    x = torch.randn(1, 1, *SLICE, generator=torch.Generator().manual_seed(1)).to(device)
+    x = torch.randn(batch, 1, *SLICE, generator=torch.Generator().manual_seed(1)).to(device)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -68,22 +59,24 @@ def measure_one(model: str, device: torch.device, grid: int, chunk: int, logits_
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else resident_peak_bytes()
-    torch.save(logits.float().cpu(), logits_path)
-    return {"grid": grid, "chunk": chunk, "seconds": seconds, "peak_gib": (peak - before) / GIB}
+    torch.save(logits[:1].float().cpu(), logits_path)
+    return {"grid": grid, "chunk": chunk, "batch": batch, "rule": network.settings.grid_aggregation,
+            "seconds": seconds, "peak_gib": (peak - before) / GIB}
 
 
 def run_settings(args) -> list:
     results = []
     with tempfile.TemporaryDirectory() as folder:
         first_of_grid = {}
-        for grid, chunk in args.settings:
-            logits_path = Path(folder) / f"grid{grid}_chunk{chunk}.pt"
-            command = [sys.executable, __file__, "--device", args.device, "--model", args.model,
-                       "--one", f"{grid}:{chunk}", "--logits", str(logits_path)]
-            print(f"grid {grid}×{grid}, chunks of {chunk} ...", file=sys.stderr, flush=True)
+        for grid, chunk, batch in args.settings:
+            logits_path = Path(folder) / f"grid{grid}_chunk{chunk}_batch{batch}.pt"
+            command = [sys.executable, __file__, "--device", args.device, "--model", args.model, "--aggregation", args.aggregation,
+                       "--one", f"{grid}:{chunk}:{batch}", "--logits", str(logits_path)]
+            print(f"grid {grid}×{grid}, {chunk} pairs per pass, batch {batch} ...", file=sys.stderr, flush=True)
             finished = subprocess.run(command, capture_output=True, text=True)
             if finished.returncode != 0:
-                results.append({"grid": grid, "chunk": chunk, "error": (finished.stderr.strip().splitlines() or ["killed"])[-1]})
+                error = (finished.stderr.strip().splitlines() or ["killed"])[-1]
+                results.append({"grid": grid, "chunk": chunk, "batch": batch, "error": error})
                 continue
             result = json.loads(finished.stdout.strip().splitlines()[-1])
             logits = torch.load(logits_path)
@@ -99,40 +92,48 @@ def run_settings(args) -> list:
 
 def format_table(results: list, device: str) -> str:
     memory = "peak RSS above the built network, GiB" if device == "cpu" else "peak CUDA memory above the weights, GiB"
-    lines = [f"{'grid':<8} {'prompts per pass':>16} {'seconds':>9} {memory:>40}  same segmentation as first of grid"]
+    lines = [f"{'grid':<8} {'batch':>5} {'pairs per pass':>14} {'seconds':>9} {memory:>40}  image 0 vs first of grid"]
     for r in results:
         if "error" in r:
-            lines.append(f"{r['grid']}×{r['grid']:<6} {r['chunk']:>16} failed: {r['error']}")
+            lines.append(f"{r['grid']}×{r['grid']:<6} {r['batch']:>5} {r['chunk']:>14} failed: {r['error']}")
             continue
         same = r.get("same_segmentation_as_first")
-        comparison = "(first)" if same is None else f"{same} (max |Δ| {r['max_abs_difference_vs_first']:.1e})"
-        lines.append(f"{r['grid']}×{r['grid']:<6} {r['chunk']:>16} {r['seconds']:>9.1f} {r['peak_gib']:>40.2f}  {comparison}")
+        comparison = "(first)" if same is None else f"same segmentation: {same} (max |Δ| {r['max_abs_difference_vs_first']:.1e})"
+        lines.append(f"{r['grid']}×{r['grid']:<6} {r['batch']:>5} {r['chunk']:>14} {r['seconds']:>9.1f} {r['peak_gib']:>40.2f}  {comparison}")
     return "\n".join(lines)
 
 
-def grid_and_chunk(text: str) -> tuple:
-    grid, chunk = (int(v) for v in text.split(":"))
-    return grid, chunk
+def grid_chunk_batch(text: str) -> tuple:
+    """GRID:CHUNK or GRID:CHUNK:BATCH (batch 1 by default)."""
+    values = [positive_int_argument(v) for v in text.split(":")]
+    if len(values) not in (2, 3):
+        raise argparse.ArgumentTypeError(f"expected GRID:CHUNK[:BATCH], got {text!r}")
+    return (*values, 1)[:3]
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", choices=MODELS, default="vit_b", help="SAM size, random weights (default: vit_b)")
-    parser.add_argument("--settings", nargs="+", type=grid_and_chunk, default=[(9, 81), (9, 27), (9, 9), (16, 27)],
-                        metavar="GRID:CHUNK", help="grid size and prompts per pass (default: 9:81 9:27 9:9 16:27)")
+    parser.add_argument("--aggregation", choices=GRID_AGGREGATIONS, default="gated",
+                        help="grid rule (default: gated; with random weights every prompt fails the IoU gate, so "
+                        "the comparison of segmentations needs 'mean' to be informative)")
+    parser.add_argument("--settings", nargs="+", type=grid_chunk_batch, default=[(9, 81, 1), (9, 27, 1), (9, 9, 1), (16, 27, 1), (9, 27, 8)],
+                        metavar="GRID:CHUNK[:BATCH]", help="grid size, image·prompt pairs per pass and batch size "
+                        "(default: 9:81 9:27 9:9 16:27 9:27:8)")
     parser.add_argument("--output", type=Path, help="JSON file (default: benchmark_results/grid_memory_<device>.json)")
-    parser.add_argument("--one", type=grid_and_chunk, help=argparse.SUPPRESS)
+    parser.add_argument("--one", type=grid_chunk_batch, help=argparse.SUPPRESS)
     parser.add_argument("--logits", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device available")
     if args.one:
-        print(json.dumps(measure_one(args.model, torch.device(args.device), *args.one, args.logits)))
+        print(json.dumps(measure_one(args.model, torch.device(args.device), args.aggregation, *args.one, args.logits)))
         return 0
     results = run_settings(args)
-    report = {"machine": machine_info(torch.device(args.device)), "model": args.model, "slice": list(SLICE), "results": results}
-    output = args.output or REPOSITORY / "benchmark_results" / f"grid_memory_{args.device}.json"
+    report = {"machine": machine_info(torch.device(args.device)), "model": args.model, "slice": list(SLICE),
+              "aggregation": args.aggregation, "results": results}
+    output = args.output or RESULTS_FOLDER / f"grid_memory_{args.device}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2))
     print(format_table(results, args.device))

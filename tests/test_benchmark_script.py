@@ -62,13 +62,15 @@ def test_correctness_checks_passed(report):
     assert rows["predict_volume"]["checks"]["outputs_finite"]
 
 
-def test_grid_memory_benchmark_compares_chunk_sizes_in_fresh_processes(tmp_path):
+def test_grid_memory_benchmark_compares_chunk_and_batch_sizes_in_fresh_processes(tmp_path):
     output = tmp_path / "grid_memory.json"
     script = SCRIPT.with_name("benchmark_grid_memory.py")
-    command = [sys.executable, str(script), "--device", "cpu", "--model", "tiny", "--settings", "3:9", "3:2", "--output", str(output)]
+    command = [sys.executable, str(script), "--device", "cpu", "--model", "tiny", "--aggregation", "mean",
+               "--settings", "3:9", "3:2", "3:4:3", "--output", str(output)]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=SCRIPT.parents[1])
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-    first, chunked = json.loads(output.read_text())["results"]
-    assert (first["grid"], first["chunk"], chunked["chunk"]) == (3, 9, 2)
-    assert chunked["same_segmentation_as_first"] and chunked["max_abs_difference_vs_first"] < 1e-5
-    assert all(r["peak_gib"] >= 0 and r["seconds"] > 0 for r in (first, chunked))
+    first, chunked, batched = json.loads(output.read_text())["results"]
+    assert [(r["grid"], r["chunk"], r["batch"], r["rule"]) for r in (first, chunked, batched)] == [(3, 9, 1, "mean"), (3, 2, 1, "mean"), (3, 4, 3, "mean")]
+    for result in (chunked, batched):
+        assert result["same_segmentation_as_first"] and result["max_abs_difference_vs_first"] < 1e-5
+    assert all(r["peak_gib"] >= 0 and r["seconds"] > 0 for r in (first, chunked, batched))

@@ -1,7 +1,9 @@
 """DeSAM under nnU-Net's multi-GPU setting (DDP without unused parameters) and under torch.compile."""
 
+import os
 import socket
 from contextlib import nullcontext
+from unittest import mock
 
 import pytest
 import torch
@@ -9,21 +11,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
+from nnunetv2.run.run_training import get_trainer_from_args
+from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as nnunet_trainer_module
 from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
 from nnunetv2_desam.networks.desam import DeSAM, DeSAMSettings
 from nnunetv2_desam.networks.prompts import sample_training_points
-
-SETTINGS = {
-    "points": DeSAMSettings(),
-    "box": DeSAMSettings(prompt_mode="box", use_iou_head=False),
-    "pdmm-only": DeSAMSettings(use_prim=False, use_iou_head=False, fuse_mask_embedding=False),
-    "no-iou-head": DeSAMSettings(use_iou_head=False),
-    "no-mef": DeSAMSettings(fuse_mask_embedding=False),
-}
-
+from tests.nnunet_workspace import SOURCE
 
 def segmentation_loss():
     dice_ce = DC_and_CE_loss({"batch_dice": True, "smooth": 1e-5, "do_bg": False, "ddp": False}, {}, weight_ce=1, weight_dice=1,
@@ -47,29 +43,51 @@ def training_step(network, loss_function, settings, generator, device="cpu") -> 
     return loss
 
 
-def _ddp_worker(rank, world_size, port, sam_path, results):
+TRAINERS = ["nnUNetTrainerDeSAM", "nnUNetTrainerDeSAM_Box", "nnUNetTrainerDeSAM_PDMMOnly", "nnUNetTrainerDeSAM_NoIoUHead",
+            "nnUNetTrainerDeSAM_NoMEF"]
+STEPS = 3  # an unused parameter makes DDP fail on the iteration after it
+
+
+def cpu_ddp(module, device_ids):
+    """nnU-Net wraps the network with device_ids=[rank] (a GPU per rank); DDP over CPU replicas takes none."""
+    return DistributedDataParallel(module)
+
+
+def rank_trainer(trainer_name: str):
+    """The trainer as nnU-Net's run_ddp builds it in each rank (nnunetv2.run.run_training.get_trainer_from_args),
+    moved to the CPU: nnU-Net sets cuda:<rank> under DDP, and the GradScaler it made for it goes."""
+    trainer = get_trainer_from_args(str(SOURCE), "2d", 0, trainer_name, device=torch.device("cpu"))
+    trainer.device, trainer.grad_scaler = torch.device("cpu"), None
+    return trainer
+
+
+def _ddp_worker(rank, world_size, port, environment, results):
+    os.environ.update(environment)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
-        for mode, settings in SETTINGS.items():
-            results[(mode, rank)] = _ddp_train(sam_path, settings, rank)
+        for trainer_name in TRAINERS:
+            results[(trainer_name, rank)] = _train_steps(trainer_name)
+        fresh = [rank_trainer("nnUNetTrainerDeSAM") for _ in range(2)]
+        target = (torch.arange(8 * 32 * 32) % 3).view(8, 1, 32, 32)
+        results[("prompts", rank)] = [sample_training_points(target, 2, t.prompt_generator)[0] for t in fresh]
     finally:
         dist.destroy_process_group()
 
 
-def _ddp_train(sam_path, settings, rank) -> dict:
-    """Three DDP training steps; returns the trained weights of this rank."""
+def _train_steps(trainer_name: str) -> dict:
+    """nnU-Net's initialize() and STEPS of the trainer's own train_step on batches of its own data loader."""
     torch.manual_seed(0)
-    network = DeSAM.from_sam_checkpoint(sam_path, 1, 3, settings=settings)
-    network.decoder.deep_supervision = True
-    model = DistributedDataParallel(network.train())
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    generator = torch.Generator().manual_seed(100 + rank)  # each rank sees other data
-    loss_function = segmentation_loss()
-    for _ in range(3):  # an unused parameter makes DDP fail on the iteration after it
-        optimizer.zero_grad(set_to_none=True)
-        training_step(model, loss_function, settings, generator).backward()
-        optimizer.step()
-    return {k: v.clone() for k, v in network.state_dict().items()}
+    trainer = rank_trainer(trainer_name)
+    with mock.patch.object(nnunet_trainer_module, "DDP", cpu_ddp):
+        trainer.initialize()
+    loader, _ = trainer.get_dataloaders()
+    network = trainer.network.module
+    initial = {k: v.clone() for k, v in network.state_dict().items()}
+    losses = [float(trainer.train_step(next(loader))["loss"]) for _ in range(STEPS)]
+    weights = {k: v.clone() for k, v in network.state_dict().items()}
+    return {"weights": weights, "losses": losses, "batch_size": trainer.batch_size,
+            "ddp": isinstance(trainer.network, DistributedDataParallel),
+            "changed": sorted(k for k in weights if not torch.equal(weights[k], initial[k]))}
 
 
 def free_port() -> int:
@@ -78,18 +96,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_training_steps_of_every_mode_run_under_two_process_gloo_ddp(tiny_sam_checkpoint):
+def test_every_trainer_trains_with_its_own_train_step_under_two_process_gloo_ddp(workspace, tmp_path):
+    """Each rank builds the trainer as nnU-Net's run_ddp does, initialises it (network, optimizer, DDP wrapper,
+    loss) and runs its own train_step on batches of its own nnU-Net data loader: the replicas stay in sync
+    although each rank sees other samples (nnU-Net splits the batch of 8 into 4 + 4) and draws other prompts."""
+    root, environment = workspace
+    environment = {**environment, "nnUNet_results": str(tmp_path)}  # the trainers' logs go here
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_ddp_worker, args=(2, free_port(), str(tiny_sam_checkpoint), results), nprocs=2, join=True)
+        mp.spawn(_ddp_worker, args=(2, free_port(), environment, results), nprocs=2, join=True)
         results = dict(results)
-    for mode in SETTINGS:
-        first, second = results[(mode, 0)], results[(mode, 1)]
-        assert first.keys() == second.keys()
-        assert all(torch.allclose(first[k].float(), second[k].float(), atol=1e-6) for k in first), mode  # replicas in sync
+    for trainer_name in TRAINERS:
+        first, second = results[(trainer_name, 0)], results[(trainer_name, 1)]
+        assert first["ddp"] and (first["batch_size"], second["batch_size"]) == (4, 4)
+        assert first["losses"] != second["losses"], trainer_name  # other samples on each rank
+        trainable = {k for k in first["weights"] if k.startswith(("decoder.", "prim."))}
+        assert first["changed"] and set(first["changed"]) <= trainable, trainer_name  # it trained
+        assert first["weights"].keys() == second["weights"].keys()
+        difference = max((first["weights"][k].float() - second["weights"][k].float()).abs().max().item() for k in first["weights"])
+        assert difference <= 1e-6, trainer_name  # replicas in sync
+
+    # nnUNetTrainerDeSAM's training prompts: the same in every trainer of one rank, other ones on the other rank
+    (rank0_first, rank0_again), (rank1_first, rank1_again) = results[("prompts", 0)], results[("prompts", 1)]
+    assert torch.equal(rank0_first, rank0_again) and torch.equal(rank1_first, rank1_again)
+    assert not torch.equal(rank0_first, rank1_first)
 
 
-CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA; run by scripts/gpu_check.sh")
+CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA; run by scripts/gpu_check/gpu_check.sh")
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA_ONLY)])

@@ -2,8 +2,10 @@
 
 import pytest
 import torch
+from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
 
-from nnunetv2_desam.networks.desam import DeSAM, DeSAMSettings, weighted_probability_sums
+from nnunetv2_desam.networks.desam import DeSAM, DeSAMSettings, prompt_passes
+from nnunetv2_desam.networks.grid_aggregation import weighted_probability_sums
 from nnunetv2_desam.networks.prompts import grid_points
 from nnunetv2_desam.networks.pdmm import PDMM
 from nnunetv2_desam.errors import SAMCheckpointError
@@ -127,7 +129,19 @@ def test_grid_mode_runs_one_prompt_per_grid_point(sam_state_dict):
     network.prim.register_forward_hook(lambda m, i, o: calls.append(i[2].shape[0]))
     with torch.no_grad():
         network(torch.randn(2, 1, 64, 64))
-    assert calls == [2 * 16]
+    assert calls == [16, 16]  # 2 × 16 pairs exceed the default 27 per pass: one image per pass
+
+
+@pytest.mark.parametrize("batch, prompts, pairs, expected_passes", [(8, 81, 27, 24), (8, 9, 27, 3), (2, 25, 4, 14), (3, 25, 50, 2), (1, 81, 1000, 1)])
+def test_prompt_passes_cover_every_pair_once_within_the_bound(batch, prompts, pairs, expected_passes):
+    """nnU-Net's validation batch of 8 with the 9×9 grid: 24 passes of 27 pairs, not 8 × 27 at once."""
+    passes = prompt_passes(batch, prompts, pairs)
+    covered = torch.zeros(batch, prompts, dtype=torch.int64)
+    for images, chosen in passes:
+        covered[images, chosen] += 1
+        assert covered[images, chosen].numel() <= pairs
+    assert torch.equal(covered, torch.ones_like(covered))
+    assert len(passes) == expected_passes
 
 
 def test_frozen_parts_get_no_gradient_and_one_step_changes_only_prim_and_pdmm(sam_state_dict):
@@ -190,16 +204,45 @@ def test_pdmm_size_matches_the_reference_for_vit_h():
     assert abs(parameters - 9.757e6) / 9.757e6 < 0.02
 
 
+RULES = {"gated": 3, "mean": 3, "authors": 2}  # rule: classes (the authors' sequence is binary)
+
+
+def spread_iou_head(network: DeSAM, x: torch.Tensor, centres=(0.5, 0.4)) -> None:
+    """A set IoU head: its last layer ×10 and shifted so that the grid prompts' IoUs on ``x`` have the given
+    median per class; the prompts then score on both sides of the 0.5 threshold."""
+    layer = network.prim.iou_prediction_head.seg_layers[0]
+    points = grid_points(network.settings.grid_size, tuple(x.shape[-2:])).expand(x.shape[0], -1, -1)
+    with torch.no_grad():
+        layer.weight.mul_(10.0), layer.bias.mul_(10.0)
+        _, iou = network(x, points=points)
+        layer.bias.add_(torch.tensor(centres[: iou.shape[-1]]) - iou.flatten(0, 1).median(0).values)
+
+
+def grid_pair(sam_state_dict, settings, rule, x, reference_kwargs, **kwargs):
+    """Two networks with the same weights (a set IoU head) and grid rule, built with different decoding options."""
+    settings = DeSAMSettings(**{**settings.to_dict(), "grid_size": 5, "grid_aggregation": rule})
+    network = make_desam(sam_state_dict, classes=RULES[rule], settings=settings, **kwargs).eval()
+    if network.prim.iou_prediction_head is not None:
+        spread_iou_head(network, x)
+    reference = make_desam(sam_state_dict, classes=RULES[rule], settings=settings, **reference_kwargs).eval()
+    reference.load_state_dict(network.state_dict())
+    return network, reference
+
+
+def assert_same_combination(output: torch.Tensor, reference: torch.Tensor) -> None:
+    """Same probabilities (compared as probabilities: near the 1e-8 floor log-space differences are noise) and segmentation."""
+    assert (output.exp() - reference.exp()).abs().max() < 1e-5
+    assert torch.equal(output.argmax(1), reference.argmax(1))
+
+
+@pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("settings", [FULL, NO_IOU_HEAD, NO_MEF], ids=["full", "no-iou-head", "no-mef"])
-def test_prompt_shared_decoding_equals_decoding_every_prompt_independently(sam_state_dict, settings):
-    shared = make_desam(sam_state_dict, settings=DeSAMSettings(**{**settings.to_dict(), "grid_size": 5})).eval()
-    reference = make_desam(sam_state_dict, settings=shared.settings, prompt_shared_decoding=False).eval()
-    reference.load_state_dict(shared.state_dict())
+def test_prompt_shared_decoding_equals_decoding_every_prompt_independently(sam_state_dict, settings, rule):
     x = torch.randn(2, 1, 96, 80)
+    shared, reference = grid_pair(sam_state_dict, settings, rule, x, {"prompt_shared_decoding": False})
     with torch.no_grad():
         fast, slow = shared(x), reference(x)
-    assert (fast - slow).abs().max() < 1e-4
-    assert torch.equal(fast.argmax(1), slow.argmax(1))
+    assert_same_combination(fast, slow)
 
 
 def test_fused_encoder_attention_equals_segment_anything_attention(sam_state_dict):
@@ -212,35 +255,21 @@ def test_fused_encoder_attention_equals_segment_anything_attention(sam_state_dic
         assert (fused(x) - reference(x)).abs().max() < 1e-4
 
 
-def test_grid_prompts_are_combined_by_predicted_iou():
-    logits = torch.zeros(2, 3, 1, 1)  # one image, two prompts, three classes
-    logits[0, 1] = 10.0  # prompt 0 says class 1
-    logits[1, 2] = 10.0  # prompt 1 says class 2
-    iou = torch.tensor([[[0.9, 0.1], [0.3, 0.6]]])  # per prompt: IoU for class 1, class 2
-    numerator, denominator = weighted_probability_sums(logits, iou, prompts_per_image=2)
-    p0, p1 = logits[0, :, 0, 0].softmax(0), logits[1, :, 0, 0].softmax(0)
-    w = torch.tensor([[0.5, 0.9, 0.1], [0.45, 0.3, 0.6]])
-    assert torch.allclose(numerator[0, :, 0, 0], w[0] * p0 + w[1] * p1, atol=1e-6)
-    assert torch.allclose(denominator[0, :, 0, 0], w.sum(0), atol=1e-6)
-    numerator, denominator = weighted_probability_sums(logits, None, 2)
-    assert torch.allclose((numerator / denominator)[0, :, 0, 0], (p0 + p1) / 2, atol=1e-6)
-
-
+@pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("settings", [FULL, NO_IOU_HEAD], ids=["full", "no-iou-head"])
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "per-prompt"])
-def test_grid_prompts_in_chunks_equal_all_prompts_at_once(sam_state_dict, settings, shared):
-    """Chunks of 4 for a 5×5 grid (4, 4, …, 1): same log-probabilities, segmentation and IoUs."""
-    settings = DeSAMSettings(**{**settings.to_dict(), "grid_size": 5})
-    at_once = make_desam(sam_state_dict, settings=settings, prompt_shared_decoding=shared, prompt_chunk_size=25).eval()
-    in_chunks = make_desam(sam_state_dict, settings=settings, prompt_shared_decoding=shared, prompt_chunk_size=4).eval()
-    in_chunks.load_state_dict(at_once.state_dict())
+@pytest.mark.parametrize("pairs", [4, 25], ids=["4-pairs", "25-pairs"])
+def test_grid_prompts_in_chunks_equal_all_prompts_at_once(sam_state_dict, settings, shared, rule, pairs):
+    """2 images × 5×5 grid: all 50 image·prompt pairs in one pass against passes of 4 (4, 4, …, 1 per image)
+    or 25 (one image each): same probabilities, segmentation and IoUs, for every rule."""
     x = torch.randn(2, 1, 96, 80)
+    in_chunks, at_once = grid_pair(sam_state_dict, settings, rule, x, {"prompt_shared_decoding": shared, "prompt_chunk_size": 50},
+                                   prompt_shared_decoding=shared, prompt_chunk_size=pairs)
     points = grid_points(5, (96, 80)).expand(2, -1, -1)
     with torch.no_grad():
-        assert (in_chunks(x) - at_once(x)).abs().max() < 1e-5
-        assert torch.equal(in_chunks(x).argmax(1), at_once(x).argmax(1))
+        assert_same_combination(in_chunks(x), at_once(x))
         (chunked_logits, chunked_iou), (logits, iou) = in_chunks(x, points=points), at_once(x, points=points)
-    assert (chunked_logits - logits).abs().max() < 1e-5
+    assert_same_combination(chunked_logits, logits)
     assert (chunked_iou is None and iou is None) or torch.allclose(chunked_iou, iou, atol=1e-6)
 
 
@@ -249,11 +278,33 @@ def test_checkpoints_hold_no_sam_weights_and_reload(sam_state_dict):
     state = network.state_dict()
     assert not any(k.startswith(("image_encoder.", "prompt_encoder.")) for k in state)
     assert "sam_fingerprint" in state
-    fresh = make_desam(sam_state_dict)
-    fresh.load_state_dict(state)
-    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in state.items())
-    wrapped = torch.nn.Sequential(fresh)  # loading from a parent module (e.g. torch.compile's wrapper)
-    wrapped.load_state_dict({f"0.{k}": v for k, v in state.items()})
+    for seed in (1, 2):  # other PRIM/PDMM weights than the saved ones, so that loading has to change them
+        torch.manual_seed(seed)
+        fresh = DeSAM(sam_state_dict, 1, 3, FULL)
+        assert not torch.equal(fresh.state_dict()["decoder.deep_branch.conv1.conv.weight"], state["decoder.deep_branch.conv1.conv.weight"])
+        # loading directly, and from a parent module (e.g. torch.compile's wrapper)
+        target = fresh if seed == 1 else torch.nn.Sequential(fresh)
+        target.load_state_dict(state if seed == 1 else {f"0.{k}": v for k, v in state.items()})
+        assert all(torch.equal(fresh.state_dict()[k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("settings", ALL_SETTINGS, ids=lambda s: f"{s.prompt_mode}-prim{s.use_prim}-iou{s.use_iou_head}-mef{s.fuse_mask_embedding}")
+def test_nnunet_pretrained_weights_skip_exactly_the_class_count_dependent_layers(sam_state_dict, settings, tmp_path):
+    """nnU-Net's load_pretrained_weights (nnUNetv2_train -pretrained_weights) requires every key to match in
+    shape except those containing '.seg_layers.', which it leaves at the new network's initialisation."""
+    three_classes = make_desam(sam_state_dict, classes=3, settings=settings)
+    torch.manual_seed(1)
+    five_classes = DeSAM(sam_state_dict, 1, 5, settings)
+    saved, initial = three_classes.state_dict(), five_classes.state_dict()
+    assert saved.keys() == initial.keys()
+    assert {k for k in saved if saved[k].shape != initial[k].shape} == {k for k in saved if ".seg_layers." in k}
+    assert {k for k in saved if ".seg_layers." in k} >= {"decoder.seg_layers.0.weight", "decoder.seg_layers.1.weight"}
+    assert ("prim.iou_prediction_head.seg_layers.0.weight" in saved) == settings.use_iou_head
+    torch.save({"network_weights": saved}, tmp_path / "checkpoint_final.pth")
+    load_pretrained_weights(five_classes, str(tmp_path / "checkpoint_final.pth"))
+    loaded = five_classes.state_dict()
+    for key in saved:
+        assert torch.equal(loaded[key], initial[key] if ".seg_layers." in key else saved[key]), key
 
 
 def test_weights_trained_on_another_sam_are_refused(sam_state_dict, other_tiny_sam_checkpoint):
@@ -266,8 +317,8 @@ def test_weights_trained_on_another_sam_are_refused(sam_state_dict, other_tiny_s
 def test_incomplete_trained_weights_are_still_refused(sam_state_dict):
     network = make_desam(sam_state_dict)
     state = network.state_dict()
-    del state["decoder.head.weight"]
-    with pytest.raises(RuntimeError, match="decoder.head.weight"):
+    del state["decoder.seg_layers.0.weight"]
+    with pytest.raises(RuntimeError, match="decoder.seg_layers.0.weight"):
         network.load_state_dict(state)
 
 

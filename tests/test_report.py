@@ -14,8 +14,8 @@ from nnunetv2_desam.experiments.report import (
     format_table, plot_bar_chart, plot_dice_vs_grid_size, plot_overlays, write_csv, write_markdown_table,
     write_per_case_json)
 from nnunetv2_desam.experiments.scoring import (
-    bootstrap_ci, dice_per_case_from_summary, foreground_slice_dice, score_folder_foreground_slices,
-    stratified_bootstrap_ci)
+    border_width, bootstrap_ci, dice_per_case_from_summary, foreground_slice_dice, score_folder_foreground_slices,
+    stratified_bootstrap_ci, zero_slice_borders)
 
 LABELS = {"background": 0, "liver": 1, "kidney": 2}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -110,8 +110,15 @@ def test_stratified_bootstrap_weights_every_group_equally():
     assert all(math.isnan(v) for v in stratified_bootstrap_ci([[0.8], []]))
 
 
+def _centred(labels: np.ndarray) -> np.ndarray:
+    """4×4 slices placed in the middle of 16×16 ones, inside the 3 px the paper protocol zeroes at each border."""
+    padded = np.zeros((labels.shape[0], 16, 16), dtype=labels.dtype)
+    padded[:, 6:10, 6:10] = labels
+    return padded
+
+
 def _hand_made_case_a() -> tuple[np.ndarray, np.ndarray]:
-    """4 slices of 4x4. Reference liver: 4 voxels in slices 1 and 2. Prediction: slice 1 right, slice 2 missed,
+    """4 slices of 4x4 (centred in 16x16 by the callers). Reference liver: 4 voxels in slices 1 and 2. Prediction: slice 1 right, slice 2 missed,
     8 false liver voxels in slice 3 (no reference foreground) and 2 false kidney voxels in slice 0.
 
     Whole volume: liver 2*4 / (8 + 12) = 0.4, kidney 0 (false positives only).
@@ -128,19 +135,35 @@ def _hand_made_case_a() -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_foreground_slice_dice_by_hand():
-    reference, prediction = _hand_made_case_a()
+    reference, prediction = (_centred(a) for a in _hand_made_case_a())
     scores = foreground_slice_dice(reference[None], prediction[None], LABELS)
     assert scores["liver"] == pytest.approx(2 / 3)
     assert math.isnan(scores["kidney"])
 
 
+def test_foreground_slices_zero_the_prediction_borders_as_the_authors_do():
+    """50 of 256 px at each border: 100 rows and 75 columns of 512×384 slices; the reference is not zeroed."""
+    assert [border_width(size) for size in (256, 512, 384, 16, 4)] == [50, 100, 75, 3, 1]
+    reference = np.zeros((2, 512, 384), dtype=np.uint8)
+    reference[0, 200:300, 150:250] = 1  # liver, 10,000 px inside
+    reference[0, :100, :75] = 2  # kidney, 7,500 px, all in the zeroed border
+    prediction = reference.copy()
+    prediction[0, 400:450, 300:384] = 1  # false liver: rows 400-411 and columns 300-308 survive (412 = 512 - 100, 309 = 384 - 75)
+    prediction[1, 250:260, 190:200] = 1  # a slice without reference foreground is not scored
+    scores = foreground_slice_dice(reference, prediction, LABELS)
+    assert scores["liver"] == pytest.approx(2 * 10_000 / (10_000 + 10_000 + 12 * 9))
+    assert scores["kidney"] == 0.0
+    assert zero_slice_borders(prediction)[0, 400:450, 300:384].sum() == 12 * 9
+
+
 def test_nnunet_evaluation_and_foreground_slices_on_nifti(tmp_path):
-    reference_a, prediction_a = _hand_made_case_a()
+    reference_a, prediction_a = (_centred(a) for a in _hand_made_case_a())
     reference_b = np.zeros((4, 4, 4), dtype=np.uint8)
     reference_b[0, 1:3, 1:3] = 1
     reference_b[3, :2, :2] = 2
     reference_c = np.zeros((4, 4, 4), dtype=np.uint8)
     reference_c[2, :, :2] = 1
+    reference_b, reference_c = _centred(reference_b), _centred(reference_c)
     cases = {"case_a": (reference_a, prediction_a), "case_b": (reference_b, reference_b),
              "case_c": (reference_c, reference_c)}
     gt_folder, pred_folder = tmp_path / "gt", tmp_path / "pred"
@@ -251,11 +274,21 @@ def test_in_domain_column_comes_first_and_stays_out_of_overall(results, tmp_path
 
 
 def test_bar_chart_and_grid_size_plot(results, tmp_path):
-    plot_bar_chart(results, str(tmp_path / "bars.png"))
+    bars = plot_bar_chart(results, str(tmp_path / "bars.png"), note="DEMO ONLY, untrained encoder")
     _assert_png(tmp_path / "bars.png")
-    plot_dice_vs_grid_size(list(range(3, 17)), np.linspace(0.70, 0.80, 14), np.linspace(0.65, 0.75, 14),
-                           np.linspace(0.75, 0.85, 14), str(tmp_path / "grid.png"))
+    assert bars.get_suptitle() == "DEMO ONLY, untrained encoder"
+    grid = plot_dice_vs_grid_size(list(range(3, 17)), np.linspace(0.70, 0.80, 14), np.linspace(0.65, 0.75, 14),
+                                  np.linspace(0.75, 0.85, 14), str(tmp_path / "grid.png"))
     _assert_png(tmp_path / "grid.png")
+    assert grid.get_suptitle() == "" and grid.axes[0].get_ylim() == pytest.approx((64.0, 86.0))
+
+
+@pytest.mark.parametrize("dice, expected", [(0.45, (40.0, 50.0)), (0.995, (90.0, 100.0)), (0.0, (0.0, 10.0))])
+def test_a_flat_grid_size_curve_is_drawn_flat(tmp_path, dice, expected):
+    """No auto-zoom into a band a thousandth wide: the y axis spans at least 10 Dice points, within 0-100 %."""
+    flat = np.full(4, dice)
+    figure = plot_dice_vs_grid_size([3, 5, 9, 16], flat, flat, flat, str(tmp_path / "flat.png"))
+    assert figure.axes[0].get_ylim() == pytest.approx(expected)
 
 
 def test_overlays(tmp_path):
@@ -275,7 +308,9 @@ def test_overlays(tmp_path):
             _write_nifti(paths[name], array)
         rows.append(OverlayRow(target, str(paths["image"]), str(paths["gt"]),
                                {"nnUNet": str(paths["nnUNet"]), "DeSAM": str(paths["DeSAM"])}))
-    plot_overlays(str(tmp_path / "overlays.png"), rows)
+    figure = plot_overlays(str(tmp_path / "overlays.png"), rows, classes=LABELS, note="DEMO ONLY")
     _assert_png(tmp_path / "overlays.png")
+    assert [text.get_text() for text in figure.legends[0].get_texts()] == ["liver", "kidney"]
+    assert figure.axes[0].get_ylabel() == "SiteB\nslice 3" and figure.get_suptitle() == "DEMO ONLY"
     with pytest.raises(ValueError):
         plot_overlays(str(tmp_path / "bad.png"), [rows[0], OverlayRow("x", rows[1].image, rows[1].ground_truth, {})])

@@ -132,7 +132,7 @@ def test_before_preprocessing_uses_the_converted_raw_dataset(tmp_path, nnunet_en
     for k in range(4):
         sitk.WriteImage(image, str(site / f"Case{k:02d}.nii.gz"))
         sitk.WriteImage(sitk.Cast(image, sitk.sitkUInt8), str(site / f"Case{k:02d}_segmentation.nii.gz"))
-    convert_prostate.main(["-i", str(site.parent), "-d", "201"])
+    convert_prostate.convert_prostate(site.parent, 201, nnunet_env / "nnUNet_raw", log=lambda _: None)
     preprocessed = nnunet_env / "nnUNet_preprocessed" / "Dataset201_ProstateRUNMC"
     assert case_identifiers(preprocessed) == [f"RUNMC_Case{k:02d}" for k in range(4)]
     path = write_source_split("Dataset201_ProstateRUNMC", log=lambda _: None)

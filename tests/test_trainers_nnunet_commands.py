@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 from pathlib import Path
 from unittest import mock
 
@@ -9,41 +10,24 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+import torch.nn.functional as F
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 
-from nnunetv2_desam.experiments.splits import write_source_split
 from nnunetv2_desam.networks.sam_checkpoint import load_sam_state_dict, sam_fingerprint
-from nnunetv2_desam.experiments.synthetic import DEFAULT_DOMAINS, write_synthetic_dataset
+from nnunetv2_desam.experiments.synthetic import DEFAULT_DOMAINS, synthetic_case
 from nnunetv2_desam.errors import ConfigurationError
+from nnunetv2_desam.trainers.nnUNetTrainerAdvBias import nnUNetTrainerAdvBias
+from nnunetv2_desam.trainers.nnUNetTrainerCSDG import nnUNetTrainerCSDG
 from nnunetv2_desam.trainers.nnUNetTrainerDeSAM import nnUNetTrainerDeSAM
+from nnunetv2_desam.trainers.nnUNetTrainerMaxStyle import IMAGE_DECODER_KEY, nnUNetTrainerMaxStyle
+from nnunetv2_desam.trainers.nnUNetTrainerRandConv import nnUNetTrainerRandConv
 from tests.commands import run
+from tests.nnunet_workspace import SOURCE, SOURCE_NAME, TARGET_NAME, fold_folder, nnunet_folders
 
-SOURCE, TARGET = 951, 952
-SOURCE_NAME, TARGET_NAME = f"Dataset{SOURCE}_{DEFAULT_DOMAINS[0].name}", f"Dataset{TARGET}_{DEFAULT_DOMAINS[1].name}"
 DESAM_TRAINERS = ["nnUNetTrainerDeSAM", "nnUNetTrainerDeSAM_Box", "nnUNetTrainerDeSAM_PDMMOnly", "nnUNetTrainerDeSAM_NoIoUHead", "nnUNetTrainerDeSAM_NoMEF"]
-ALL_TRAINERS = ["nnUNetTrainerBudget"] + DESAM_TRAINERS
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory, tiny_sam_checkpoint):
-    """nnU-Net folders with a preprocessed source domain (9:1 split) and a raw target domain."""
-    root = tmp_path_factory.mktemp("nnunet")
-    env = {k: v for k, v in os.environ.items() if k != "nnUNet_extTrainer"}  # registered by nnunetv2_desam.pth
-    env.update(
-        nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "preprocessed"), nnUNet_results=str(root / "results"),
-        DESAM_SAM_CHECKPOINT=str(tiny_sam_checkpoint), DESAM_EPOCHS="1", DESAM_ITERATIONS_PER_EPOCH="2",
-        DESAM_VAL_ITERATIONS_PER_EPOCH="1", DESAM_GRID_SIZE="3", nnUNet_def_n_proc="1", nnUNet_n_proc_DA="0",
-    )
-    write_synthetic_dataset(root / "raw", SOURCE, DEFAULT_DOMAINS[0], num_cases=5, seed=0, shape=(4, 48, 48))
-    write_synthetic_dataset(root / "raw", TARGET, DEFAULT_DOMAINS[1], num_cases=2, seed=1, shape=(4, 48, 48))
-    planning_env = {k: v for k, v in env.items() if k != "nnUNet_n_proc_DA"}  # planning needs it >= 1
-    run(["nnUNetv2_plan_and_preprocess", "-d", str(SOURCE), "-c", "2d", "-np", "1"], planning_env)
-    with mock.patch.dict(os.environ, {k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}):
-        write_source_split(SOURCE, log=lambda *a: None)
-    return root, env
-
-
-def fold_folder(root: Path, trainer: str) -> Path:
-    return root / "results" / SOURCE_NAME / f"{trainer}__nnUNetPlans__2d" / "fold_0"
+DG_TRAINERS = ["nnUNetTrainerAdvBias", "nnUNetTrainerRandConv", "nnUNetTrainerMaxStyle", "nnUNetTrainerCSDG"]  # Table 2's methods
+ALL_TRAINERS = ["nnUNetTrainerBudget"] + DESAM_TRAINERS + DG_TRAINERS
 
 
 @pytest.fixture(scope="module")
@@ -158,8 +142,10 @@ def test_fine_tuning_from_pretrained_weights_starts_from_them_and_refuses_anothe
     start = torch.load(pretrained, map_location="cpu", weights_only=False)["network_weights"]
     tuned = torch.load(pretrained.parent.parent / "fold_all" / "checkpoint_final.pth", map_location="cpu", weights_only=False)["network_weights"]
     assert tuned.keys() == start.keys()
-    # two Adam steps at lr 1e-4 move each weight by at most ~2e-4; a fresh initialisation would be far off
-    assert max((tuned[k].float() - start[k].float()).abs().max().item() for k in start if start[k].is_floating_point()) < 1e-3
+    # nnU-Net transfers all but the '.seg_layers.' (output) layers, even for the same classes; two Adam steps at
+    # lr 1e-4 move each weight by at most ~2e-4, a fresh initialisation would be far off
+    transferred = [k for k in start if ".seg_layers." not in k and start[k].is_floating_point()]
+    assert max((tuned[k].float() - start[k].float()).abs().max().item() for k in transferred) < 1e-3
 
 
 def test_continue_training_after_the_end_reruns_validation_from_the_slim_checkpoint(trained):
@@ -174,7 +160,7 @@ def test_prediction_with_another_sam_file_is_refused(trained, other_tiny_sam_che
     images = root / "raw" / TARGET_NAME / "imagesTr"
     result = run(["nnUNetv2_predict", "-i", str(images), "-o", str(tmp_path), "-d", str(SOURCE), "-c", "2d", "-tr", "nnUNetTrainerDeSAM", "-f", "0", "-device", "cpu"], env, expect_success=False)
     assert result.returncode != 0
-    assert "nnunetv2-desam: these DeSAM weights were trained with SAM weights of fingerprint" in result.stderr
+    assert "nnunetv2-desam: error: these DeSAM weights were trained with SAM weights of fingerprint" in result.stderr
     assert "Traceback" not in result.stderr
     assert not list(tmp_path.glob("*.nii.gz"))
 
@@ -204,13 +190,75 @@ def test_3d_configuration_is_refused(workspace):
     assert "DeSAM is a 2D method, use -c 2d" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_maxstyle_checkpoint_holds_the_plain_network_and_the_decoder_apart(trained):
+    """nnU-Net's predictor loads ``network_weights`` strictly into ``build_network_architecture``'s network."""
+    root, _, _ = trained
+    checkpoint = torch.load(fold_folder(root, "nnUNetTrainerMaxStyle") / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    trainer = make_dg_trainer(root, nnUNetTrainerMaxStyle, "2d")
+    plain = nnUNetTrainerMaxStyle.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, 1, 3, True)
+    plain.load_state_dict(checkpoint["network_weights"], strict=True)
+    assert set(checkpoint["network_weights"]) == set(nnUNetTrainer.build_network_architecture(
+        trainer.plans_manager, trainer.configuration_manager, 1, 3, True).state_dict())
+    assert checkpoint[IMAGE_DECODER_KEY] and not set(checkpoint[IMAGE_DECODER_KEY]) & set(checkpoint["network_weights"])
+
+
+def make_dg_trainer(root: Path, trainer_class, configuration: str):
+    """A Table 2 trainer built directly from the workspace's plans, on the CPU; 3d_fullres reads the 2d data folder
+    (``initialize`` only looks at its file endings)."""
+    plans = json.loads((root / "preprocessed" / SOURCE_NAME / "nnUNetPlans.json").read_text())
+    plans["continue_training"] = False
+    plans["configurations"]["3d_fullres"]["data_identifier"] = plans["configurations"]["2d"]["data_identifier"]
+    dataset_json = json.loads((root / "raw" / SOURCE_NAME / "dataset.json").read_text())
+    folders = {f"nnUNet_{n}": str(root / n) for n in ("raw", "preprocessed", "results")}
+    with mock.patch.dict(os.environ, folders):
+        trainer = trainer_class(plans, configuration, 1, dataset_json, device=torch.device("cpu"))
+        trainer.initialize()
+    return trainer
+
+
+def synthetic_batch(trainer, spatial):
+    """Random data B×1×spatial with threshold labels at every deep-supervision scale."""
+    data = torch.randn(2, 1, *spatial, generator=torch.Generator().manual_seed(0))
+    labels = (data > 0.5).float() + (data > 1.5).float()
+    target = [labels if all(f == 1 for f in scale) else F.interpolate(labels, scale_factor=scale, mode="nearest")
+              for scale in trainer._get_deep_supervision_scales()]
+    return {"data": data, "target": target}
+
+
+@pytest.mark.parametrize("configuration,spatial", [("2d", (48, 48)), ("3d_fullres", (4, 32, 32))])
+@pytest.mark.parametrize("trainer_class", [nnUNetTrainerAdvBias, nnUNetTrainerRandConv, nnUNetTrainerMaxStyle, nnUNetTrainerCSDG])
+def test_dg_train_step_trains_on_2d_and_3d_batches_with_the_labels_untouched(workspace, trainer_class, configuration, spatial):
+    root, _ = workspace
+    trainer = make_dg_trainer(root, trainer_class, configuration)
+    batch = synthetic_batch(trainer, spatial)
+    seen_targets, loss = [], trainer.loss
+    trainer.loss = lambda output, target: seen_targets.append(target) or loss(output, target)
+    modules = [trainer.network] + ([trainer.image_decoder] if trainer_class is nnUNetTrainerMaxStyle else [])
+    before = [[p.detach().clone() for p in m.parameters()] for m in modules]
+    result = trainer.train_step(batch)
+    assert np.isfinite(result["loss"]) and seen_targets
+    assert all(len(t) == len(batch["target"]) and all(a is b for a, b in zip(t, batch["target"])) for t in seen_targets)
+    for module, old in zip(modules, before):
+        assert any(not torch.equal(p, q) for p, q in zip(module.parameters(), old))
+
+
+def test_maxstyle_resumes_with_its_image_decoder(workspace, tmp_path):
+    root, _ = workspace
+    trainer = make_dg_trainer(root, nnUNetTrainerMaxStyle, "2d")
+    trainer.train_step(synthetic_batch(trainer, (48, 48)))
+    trainer.save_checkpoint(str(tmp_path / "checkpoint.pth"))
+    resumed = make_dg_trainer(root, nnUNetTrainerMaxStyle, "2d")
+    resumed.load_checkpoint(str(tmp_path / "checkpoint.pth"))
+    for name, value in trainer.image_decoder.state_dict().items():
+        assert torch.equal(resumed.image_decoder.state_dict()[name], value)
+
+
 def make_trainer(root: Path, labels: dict, **extra):
     """nnUNetTrainerDeSAM built directly from the workspace's plans with other dataset labels."""
     plans = json.loads((root / "preprocessed" / SOURCE_NAME / "nnUNetPlans.json").read_text())
     plans["continue_training"] = False
     dataset_json = {**json.loads((root / "raw" / SOURCE_NAME / "dataset.json").read_text()), "labels": labels, **extra}
-    folders = {f"nnUNet_{n}": str(root / n) for n in ("raw", "preprocessed", "results")}
-    with mock.patch.dict(os.environ, folders):
+    with mock.patch.dict(os.environ, nnunet_folders(root)):
         return nnUNetTrainerDeSAM(plans, "2d", 0, dataset_json, device=torch.device("cpu"))
 
 
@@ -220,7 +268,113 @@ def test_region_based_datasets_are_refused(workspace):
         make_trainer(root, {"background": 0, "both": [1, 2], "organ_b": 2}, regions_class_order=[1, 2])
 
 
-def test_ignore_label_datasets_are_accepted(workspace):
-    root, _ = workspace
-    trainer = make_trainer(root, {"background": 0, "organ_a": 1, "organ_b": 2, "ignore": 3})
-    assert trainer.label_manager.ignore_label == 3 and trainer.label_manager.num_segmentation_heads == 3
+def test_predict_honours_the_grid_size_variable(trained, tmp_path):
+    """DESAM_GRID_SIZE is read when nnUNetv2_predict builds the network: the same model and case give the same
+    probabilities with the same grid and other ones with another grid."""
+    root, env, _ = trained
+    images = tmp_path / "images"
+    images.mkdir()
+    case = sorted((root / "raw" / TARGET_NAME / "imagesTr").glob("*_0000.nii.gz"))[0]
+    shutil.copy(case, images / case.name)
+    probabilities = {}
+    for run_name, grid in (("first", "1"), ("again", "1"), ("other grid", "4")):
+        output = tmp_path / run_name.replace(" ", "_")
+        run(["nnUNetv2_predict", "-i", str(images), "-o", str(output), "-d", str(SOURCE), "-c", "2d", "-tr", "nnUNetTrainerDeSAM",
+             "-f", "0", "--save_probabilities", "-device", "cpu"], {**env, "DESAM_GRID_SIZE": grid})
+        (npz,) = output.glob("*.npz")
+        probabilities[run_name] = np.load(npz)["probabilities"]
+    assert np.array_equal(probabilities["first"], probabilities["again"])
+    assert np.abs(probabilities["first"] - probabilities["other grid"]).max() > 1e-3
+
+
+TWO_CHANNELS = 953
+TWO_CHANNELS_NAME = f"Dataset{TWO_CHANNELS}_TwoChannelsIgnore"
+
+
+def write_two_channel_dataset(raw: Path, num_cases: int = 5) -> Path:
+    """Channels 0 and 1: the same anatomy as rendered by sites A and B. One organ (label 1) and the synthetic
+    data's second organ as nnU-Net's ignore label (2): one foreground class, where the source dataset has two."""
+    folder = raw / TWO_CHANNELS_NAME
+    for sub in ("imagesTr", "labelsTr"):
+        (folder / sub).mkdir(parents=True)
+    for index in range(num_cases):
+        (first, labels), (second, _) = (synthetic_case(d, np.random.default_rng(index), (4, 48, 48)) for d in DEFAULT_DOMAINS[:2])
+        for array, name in ((first, f"imagesTr/case{index}_0000"), (second, f"imagesTr/case{index}_0001"), (labels, f"labelsTr/case{index}")):
+            volume = sitk.GetImageFromArray(array)
+            volume.SetSpacing((1.0, 1.0, 3.0))
+            sitk.WriteImage(volume, str(folder / f"{name}.nii.gz"))
+    generate_dataset_json(str(folder), {0: "T2", 1: "ADC"}, {"background": 0, "organ": 1, "ignore": 2}, num_cases, ".nii.gz",
+                          dataset_name=folder.name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def fine_tuned_two_channels(trained):
+    """The two-channel dataset with an ignore label through nnUNetv2_plan_and_preprocess and nnUNetv2_train
+    (fold 0), fine-tuned from the source's 2-class DeSAM checkpoint (-pretrained_weights) at DESAM_BATCH_SIZE=2."""
+    root, env, _ = trained
+    write_two_channel_dataset(root / "raw")
+    run(["nnUNetv2_plan_and_preprocess", "-d", str(TWO_CHANNELS), "-c", "2d", "-np", "1"], {k: v for k, v in env.items() if k != "nnUNet_n_proc_DA"})
+    pretrained = fold_folder(root, "nnUNetTrainerDeSAM") / "checkpoint_final.pth"
+    env = {**env, "DESAM_BATCH_SIZE": "2"}
+    log = run(["nnUNetv2_train", str(TWO_CHANNELS), "2d", "0", "-tr", "nnUNetTrainerDeSAM", "-device", "cpu",
+               "-pretrained_weights", str(pretrained)], env).stdout
+    return root, env, log, pretrained
+
+
+def test_fine_tuning_on_a_dataset_with_another_number_of_classes(fine_tuned_two_channels):
+    """nnU-Net transfers every weight but the '.seg_layers.' ones, which depend on the class count: PDMM's two
+    heads and the output layer of PRIM's IoU head; those start afresh with the new dataset's classes."""
+    root, _, log, pretrained = fine_tuned_two_channels
+    start = torch.load(pretrained, map_location="cpu", weights_only=False)["network_weights"]
+    folder = fold_folder(root, "nnUNetTrainerDeSAM", TWO_CHANNELS_NAME)
+    tuned = torch.load(folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)["network_weights"]
+    assert "Loading pretrained weights from file" in log
+    assert tuned.keys() == start.keys()
+    class_dependent = {k for k in start if ".seg_layers." in k}
+    assert class_dependent == {f"{layer}.{p}" for p in ("weight", "bias")
+                               for layer in ("decoder.seg_layers.0", "decoder.seg_layers.1", "prim.iou_prediction_head.seg_layers.0")}
+    assert [tuned[k].shape[0] for k in sorted(class_dependent) if k.endswith("weight")] == [2, 2, 1]
+    assert [start[k].shape[0] for k in sorted(class_dependent) if k.endswith("weight")] == [3, 3, 2]
+    # two Adam steps at lr 1e-4 move each weight by at most ~2e-4; a fresh initialisation would be far off
+    transferred = [k for k in start if k not in class_dependent and start[k].is_floating_point()]
+    assert max((tuned[k].float() - start[k].float()).abs().max().item() for k in transferred) < 1e-3
+
+
+def test_a_two_channel_dataset_is_trained_and_predicted_with_both_channels(fine_tuned_two_channels, tmp_path):
+    """nnUNetv2_predict on a case and on the same case with its second channel flattened: both channels reach the
+    network, so the probabilities differ."""
+    root, env, _, _ = fine_tuned_two_channels
+    images = tmp_path / "images"
+    images.mkdir()
+    raw_images = root / "raw" / TWO_CHANNELS_NAME / "imagesTr"
+    for channel in ("0000", "0001"):
+        shutil.copy(raw_images / f"case0_{channel}.nii.gz", images / f"case0_{channel}.nii.gz")
+    shutil.copy(raw_images / "case0_0000.nii.gz", images / "flat_0000.nii.gz")
+    second = sitk.ReadImage(str(raw_images / "case0_0001.nii.gz"))
+    flat = sitk.GetImageFromArray(np.zeros_like(sitk.GetArrayFromImage(second)))
+    flat.CopyInformation(second)
+    sitk.WriteImage(flat, str(images / "flat_0001.nii.gz"))
+    output = tmp_path / "predictions"
+    run(["nnUNetv2_predict", "-i", str(images), "-o", str(output), "-d", str(TWO_CHANNELS), "-c", "2d", "-tr", "nnUNetTrainerDeSAM",
+         "-f", "0", "--save_probabilities", "-device", "cpu"], env)
+    probabilities = {name: np.load(output / f"{name}.npz")["probabilities"] for name in ("case0", "flat")}
+    assert probabilities["case0"].shape == probabilities["flat"].shape == (2, 4, 48, 48)
+    assert np.abs(probabilities["case0"] - probabilities["flat"]).max() > 1e-3
+    segmentation = sitk.GetArrayFromImage(sitk.ReadImage(str(output / "case0.nii.gz")))
+    assert segmentation.shape == (4, 48, 48) and set(np.unique(segmentation)) <= {0, 1}
+
+
+def test_training_with_an_ignore_label_through_nnunet(fine_tuned_two_channels):
+    """Labels 2 (ignore) stay out of the loss (nnU-Net's CE would fail on a label beyond the two outputs),
+    of the training prompts and of the validation, which scores class 1 only."""
+    root, _, log, _ = fine_tuned_two_channels
+    folder = fold_folder(root, "nnUNetTrainerDeSAM", TWO_CHANNELS_NAME)
+    summary = json.loads((folder / "validation" / "summary.json").read_text())
+    assert set(summary["mean"]) == {"1"} and "Mean Validation Dice" in log
+
+
+def test_the_batch_size_variable_sets_the_batch_size_nnunet_trains_with(fine_tuned_two_channels):
+    root, _, _, _ = fine_tuned_two_channels
+    debug = json.loads((fold_folder(root, "nnUNetTrainerDeSAM", TWO_CHANNELS_NAME) / "debug.json").read_text())
+    assert debug["batch_size"] == "2"  # 8 (the paper's) without DESAM_BATCH_SIZE: test_the_paper_hyperparameters_are_logged

@@ -28,11 +28,13 @@ what the MR dataset gets.
 from __future__ import annotations
 
 import argparse
+import sys
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from nnunetv2_desam.environment_variables import positive_int_argument
 from nnunetv2_desam.experiments.raw_dataset import (ConversionError, ConversionResult, DatasetSpec, LabelMapping,
                                                     Log, SourceCase, convert_datasets, dataset_folder_name,
                                                     resolve_raw_folder, run_converter)
@@ -164,10 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-i", "--input", required=True, type=Path, metavar="INPUT_ROOT",
                         help="folder holding SABS/ and CHAOST2/")
     ids = parser.add_argument_group("dataset ids (give -d, or --ct-id and --mr-id for the modalities converted)")
-    ids.add_argument("-d", "--dataset-id", type=int, metavar="DATASET_ID",
+    ids.add_argument("-d", "--dataset-id", type=positive_int_argument, metavar="DATASET_ID",
                      help="id of the CT dataset; the MR dataset gets DATASET_ID + 1")
-    ids.add_argument("--ct-id", type=int, help="id of the CT dataset (overrides -d)")
-    ids.add_argument("--mr-id", type=int, help="id of the MR dataset (overrides -d + 1)")
+    ids.add_argument("--ct-id", type=positive_int_argument, help="id of the CT dataset (overrides -d)")
+    ids.add_argument("--mr-id", type=positive_int_argument, help="id of the MR dataset (overrides -d + 1)")
     parser.add_argument("--raw", metavar="NNUNET_RAW",
                         help="output nnUNet_raw folder (default: the nnUNet_raw environment variable)")
     parser.add_argument("--modalities", nargs="+", type=str.lower, choices=tuple(MODALITIES),
@@ -186,8 +188,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     without_id = [m for m, dataset_id in dataset_ids.items() if dataset_id is None]
     if without_id:
         parser.error(f"no dataset id for {', '.join(without_id)}: give -d DATASET_ID or --ct-id/--mr-id")
-    run_converter(PROG, lambda: convert_abdominal(args.input, resolve_raw_folder(args.raw), dataset_ids,
-                                                  args.overwrite))
+    sys.exit(run_converter(PROG, lambda: convert_abdominal(args.input, resolve_raw_folder(args.raw), dataset_ids,
+                                                  args.overwrite)))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ values (or partial-volume values left by resampling) are refused rather than gue
 from __future__ import annotations
 
 import argparse
+import sys
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from typing import Sequence
 
 import numpy as np
 
+from nnunetv2_desam.environment_variables import positive_int_argument
 from nnunetv2_desam.experiments.raw_dataset import (ConversionError, ConversionResult, DatasetSpec, Log,
                                                     SourceCase, convert_datasets, dataset_folder_name,
                                                     format_values, nifti_stem, resolve_raw_folder,
@@ -164,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-i", "--input", required=True, type=Path, metavar="INPUT_ROOT",
                         help="folder holding the site folders")
-    parser.add_argument("-d", "--dataset-id", required=True, type=int, metavar="DATASET_ID",
+    parser.add_argument("-d", "--dataset-id", required=True, type=positive_int_argument, metavar="DATASET_ID",
                         help="id of the RUNMC dataset; the other sites follow consecutively (see below)")
     parser.add_argument("--raw", metavar="NNUNET_RAW",
                         help="output nnUNet_raw folder (default: the nnUNet_raw environment variable)")
@@ -177,8 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    run_converter(PROG, lambda: convert_prostate(args.input, args.dataset_id, resolve_raw_folder(args.raw),
-                                                 args.sites, args.overwrite))
+    sys.exit(run_converter(PROG, lambda: convert_prostate(args.input, args.dataset_id, resolve_raw_folder(args.raw),
+                                                 args.sites, args.overwrite)))
 
 
 if __name__ == "__main__":

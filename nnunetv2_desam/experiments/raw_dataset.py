@@ -28,7 +28,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +39,9 @@ import SimpleITK as sitk
 from nibabel.filebasedimages import ImageFileError
 from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 
+from nnunetv2_desam.console import run_console_command
+from nnunetv2_desam.errors import ConversionError
+
 FILE_ENDING = ".nii.gz"
 MANIFEST_FILE = "desam_conversion.json"
 MANIFEST_VERSION = 1
@@ -48,10 +50,6 @@ GEOMETRY_TOLERANCE = 1e-3
 direction cosines: enough for float32/float64 header round-off, far below a voxel."""
 
 Log = Callable[[str], None]
-
-
-class ConversionError(Exception):
-    """Bad input or a refused output folder; the message is one line meant for the user."""
 
 
 class LabelRule(Protocol):
@@ -179,16 +177,16 @@ def convert_datasets(jobs: Sequence[tuple[DatasetSpec, Sequence[SourceCase]]], i
     return results
 
 
-def run_converter(prog: str, convert: Callable[[], list[ConversionResult]]) -> None:
-    """Run a converter for a console script: summary line on success; on ConversionError one
-    ``prog: error: ...`` line on stderr and exit status 2 (argparse's convention), no traceback."""
-    try:
+def run_converter(prog: str, convert: Callable[[], list[ConversionResult]]) -> int:
+    """Run a converter for a console script: a summary line on success; the exit status (a
+    :class:`ConversionError` becomes one ``prog: error: ...`` line and status 2, no traceback)."""
+
+    def convert_and_summarise() -> None:
         results = convert()
-    except ConversionError as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        sys.exit(2)
-    summary = ", ".join(f"{r.dataset_name} ({r.num_cases} cases, {r.status})" for r in results)
-    print(f"Done: {len(results)} dataset(s) in {results[0].folder.parent}: {summary}")
+        summary = ", ".join(f"{r.dataset_name} ({r.num_cases} cases, {r.status})" for r in results)
+        print(f"Done: {len(results)} dataset(s) in {results[0].folder.parent}: {summary}")
+
+    return run_console_command(prog, convert_and_summarise)
 
 
 def _plan(spec: DatasetSpec, cases: Sequence[SourceCase], input_root: Path, raw_folder: Path,

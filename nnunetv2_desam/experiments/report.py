@@ -9,6 +9,7 @@ Figures are drawn on matplotlib ``Figure`` objects rendered with the Agg canvas 
 import csv
 import json
 import math
+import textwrap
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,13 +17,17 @@ import SimpleITK as sitk
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
-from nnunetv2_desam.experiments.scoring import bootstrap_ci, stratified_bootstrap_ci, usable_cases
+from nnunetv2_desam.experiments.scoring import FOREGROUND_SLICES_PROTOCOL, bootstrap_ci, stratified_bootstrap_ci, usable_cases
 
 PROTOCOL_WHOLE_VOLUME = "whole-volume Dice (nnU-Net evaluation)"
-PROTOCOL_FOREGROUND_SLICES = "foreground slices only (paper protocol)"
+PROTOCOL_FOREGROUND_SLICES = FOREGROUND_SLICES_PROTOCOL
 MEAN_OVER_CLASSES = "mean over classes"
 OVERALL = "Overall"
+MIN_DICE_SPAN = 10.0
+"""Smallest y range (Dice %) of the grid-size plot, so that a flat curve is drawn flat, not zoomed into noise."""
+NOTE_COLOUR = "firebrick"
 CSV_COLUMNS = ["trainer", "target", "class", "n_cases", "mean_dice", "ci_low", "ci_high", "protocol", "ci_method"]
 
 
@@ -209,13 +214,19 @@ def write_per_case_json(results: Results, path: str) -> None:
         json.dump(document, file, indent=2, allow_nan=False)
 
 
-def _save(figure: Figure, png_path: str) -> None:
+def _save(figure: Figure, png_path: str, note: str = "") -> Figure:
+    """Write ``figure`` as PNG, with ``note`` (e.g. the demo's disclaimer) on top of it; returns it."""
+    if note:
+        width = max(40, int(figure.get_figwidth() * 13))
+        figure.suptitle(textwrap.fill(note, width), color=NOTE_COLOUR, fontsize=8)
     FigureCanvasAgg(figure)
     figure.savefig(png_path, dpi=150)
+    return figure
 
 
-def plot_bar_chart(results: Results, png_path: str) -> None:
-    """Grouped bar chart: target domains (and ``Overall``) on x, one bar per trainer, CI error bars, in %."""
+def plot_bar_chart(results: Results, png_path: str, note: str = "") -> Figure:
+    """Grouped bar chart: target domains (and ``Overall``) on x, one bar per trainer, CI error bars, in %;
+    ``note`` goes on top."""
     groups = [*results.targets, OVERALL]
     trainers = results.trainers
     width = 0.8 / max(len(trainers), 1)
@@ -232,14 +243,15 @@ def plot_bar_chart(results: Results, png_path: str) -> None:
     axes.set_title(f"Cross-domain Dice, {results.protocol}\n{results.ci_method}", fontsize=10)
     axes.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncols=max(len(trainers), 1),
                 frameon=False)
-    _save(figure, png_path)
+    return _save(figure, png_path, note)
 
 
 def plot_dice_vs_grid_size(grid_sizes, dice_means, ci_lows, ci_highs, png_path: str, label: str = "DeSAM",
-                           protocol: str = PROTOCOL_WHOLE_VOLUME) -> None:
+                           protocol: str = PROTOCOL_WHOLE_VOLUME, note: str = "") -> Figure:
     """Fig. 3: Dice (fractions in, % shown) versus the number of grid points per side, with a shaded CI band.
 
     In: equally long sequences of grid sizes (e.g. 3..16), mean Dice and CI bounds (e.g. from :func:`bootstrap_ci`).
+    The y axis spans at least :data:`MIN_DICE_SPAN` points within 0-100 %; ``note`` goes on top.
     """
     means, lows, highs = (100 * np.asarray(values, dtype=float) for values in (dice_means, ci_lows, ci_highs))
     figure = Figure(figsize=(6, 4), layout="constrained")
@@ -249,10 +261,21 @@ def plot_dice_vs_grid_size(grid_sizes, dice_means, ci_lows, ci_highs, png_path: 
     axes.set_xticks(list(grid_sizes))
     axes.set_xlabel("grid points per side")
     axes.set_ylabel("Dice (%)")
+    axes.set_ylim(*_dice_range(np.concatenate([means, lows, highs])))
     axes.set_title(f"Dice vs. prompt grid size, {protocol}", fontsize=10)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
-    _save(figure, png_path)
+    return _save(figure, png_path, note)
+
+
+def _dice_range(values: np.ndarray) -> tuple[float, float]:
+    """The data's range (Dice %) with 5 % margins, widened to :data:`MIN_DICE_SPAN` around its middle, within 0-100."""
+    values = values[np.isfinite(values)]
+    low, high = (float(values.min()), float(values.max())) if len(values) else (0.0, 100.0)
+    margin = max(0.05 * (high - low), (MIN_DICE_SPAN - (high - low)) / 2)
+    low, high = low - margin, high + margin
+    shift = max(0.0, -low) - max(0.0, high - 100.0)
+    return max(0.0, low + shift), min(100.0, high + shift)
 
 
 @dataclass
@@ -276,12 +299,17 @@ def _read(path: str) -> tuple[np.ndarray, float]:
     return sitk.GetArrayFromImage(image), spacing[1] / spacing[0]
 
 
-def _label_overlay(labels: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """RGBA image colouring label k with the k-th tab10 colour and leaving background transparent."""
+def _label_colours(labels) -> np.ndarray:
+    """RGB colour of each label value k > 0: the k-th tab10 colour."""
     colours = np.array(colormaps["tab10"].colors)
+    return colours[(np.asarray(labels, dtype=int) - 1) % len(colours)]
+
+
+def _label_overlay(labels: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """RGBA image colouring label k with :func:`_label_colours` and leaving background transparent."""
     rgba = np.zeros((*labels.shape, 4))
     foreground = labels > 0
-    rgba[foreground, :3] = colours[(labels[foreground].astype(int) - 1) % len(colours)]
+    rgba[foreground, :3] = _label_colours(labels[foreground])
     rgba[foreground, 3] = alpha
     return rgba
 
@@ -295,10 +323,12 @@ def _draw_panel(axes, image: np.ndarray, aspect: float, labels: np.ndarray | Non
     axes.set_yticks([])
 
 
-def plot_overlays(png_path: str, rows: list[OverlayRow]) -> None:
+def plot_overlays(png_path: str, rows: list[OverlayRow], classes: dict[str, int] | None = None,
+                  note: str = "") -> Figure:
     """Fig. 4: one row per target domain; columns image, ground truth, then each prediction (titled by method),
-    label maps as coloured overlays on the grey image, on the slice (axis 0) with the most reference foreground.
-    All rows must list the same methods in the same order."""
+    label maps as coloured overlays on the grey image, on the slice (axis 0) with the most reference foreground
+    (its index in the row's label). ``classes`` (``{name: label}``, as in dataset.json; background ignored) gives
+    the colour legend; ``note`` goes on top. All rows must list the same methods in the same order."""
     methods = list(rows[0].predictions)
     if any(list(row.predictions) != methods for row in rows):
         raise ValueError("every OverlayRow needs the same prediction methods in the same order")
@@ -314,7 +344,12 @@ def plot_overlays(png_path: str, rows: list[OverlayRow]) -> None:
         _draw_panel(axes_row[0], image[index], aspect, None)
         for axes, labels in zip(axes_row[1:], label_maps):
             _draw_panel(axes, image[index], aspect, labels[index])
-        axes_row[0].set_ylabel(row.target)
+        axes_row[0].set_ylabel(f"{row.target}\nslice {index}")
     for axes, title in zip(grid[0], titles):
         axes.set_title(title, fontsize=10)
-    _save(figure, png_path)
+    foreground = {name: value for name, value in (classes or {}).items() if value != 0}
+    if foreground:
+        handles = [Patch(facecolor=colour, alpha=0.5, label=name)
+                   for name, colour in zip(foreground, _label_colours(list(foreground.values())))]
+        figure.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=9, frameon=False)
+    return _save(figure, png_path, note)

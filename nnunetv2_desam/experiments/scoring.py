@@ -18,7 +18,14 @@ import warnings
 
 import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import join, load_json, subfiles
+from nnunetv2.evaluation.evaluate_predictions import compute_tp_fp_fn_tn
 from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+from scipy.stats import bootstrap
+
+AUTHORS_BORDER_PIXELS = 50  # zeroed at each border of their predictions (utils/dice_calculate.py, edge_set_zero=50)
+AUTHORS_SLICE_SIZE = 256  # ... of 256×256 slices
+FOREGROUND_SLICES_PROTOCOL = (f"foreground slices only, {AUTHORS_BORDER_PIXELS}/{AUTHORS_SLICE_SIZE} of each slice "
+                              f"axis zeroed at the prediction's borders (paper protocol)")
 
 
 def _foreground(labels: dict[str, int]) -> dict[str, int]:
@@ -45,10 +52,28 @@ def dice_per_case_from_summary(summary_file: str, labels: dict[str, int],
 
 
 def _dice(reference: np.ndarray, prediction: np.ndarray) -> float:
-    """Dice of two boolean masks of equal shape; NaN when both are empty (nnU-Net convention)."""
-    tp = np.count_nonzero(reference & prediction)
-    denominator = np.count_nonzero(reference) + np.count_nonzero(prediction)
-    return 2 * tp / denominator if denominator else float('nan')
+    """Dice of two boolean masks of equal shape as nnU-Net's evaluation computes it; NaN when both are empty."""
+    tp, fp, fn, _ = compute_tp_fp_fn_tn(reference, prediction)
+    denominator = 2 * tp + fp + fn
+    return float(2 * tp / denominator) if denominator else float('nan')
+
+
+def border_width(size: int) -> int:
+    """Pixels zeroed at each end of a slice axis of ``size`` pixels: the authors' 50 of 256, scaled, rounded half up."""
+    return int(AUTHORS_BORDER_PIXELS * size / AUTHORS_SLICE_SIZE + 0.5)
+
+
+def zero_slice_borders(prediction: np.ndarray) -> np.ndarray:
+    """A copy of (Z, Y, X) labels with ``border_width(Y)`` rows and ``border_width(X)`` columns set to 0 at every edge.
+
+    The authors score 256×256 slices (every slice resized to 256² before SAM) with 50 px zeroed at each border of
+    the prediction, the reference untouched; the same fraction of each axis (50/256 = 19.5 %) is zeroed here.
+    """
+    rows, columns = border_width(prediction.shape[1]), border_width(prediction.shape[2])
+    zeroed = np.zeros_like(prediction)
+    zeroed[:, rows:prediction.shape[1] - rows, columns:prediction.shape[2] - columns] = \
+        prediction[:, rows:prediction.shape[1] - rows, columns:prediction.shape[2] - columns]
+    return zeroed
 
 
 def foreground_slice_dice(reference: np.ndarray, prediction: np.ndarray,
@@ -56,15 +81,16 @@ def foreground_slice_dice(reference: np.ndarray, prediction: np.ndarray,
     """Dice per class restricted to the slices where the reference has any foreground (paper protocol).
 
     In: label maps of shape (Z, Y, X) (or (1, Z, Y, X) as returned by nnU-Net's ``read_seg``); slices are taken
-    along Z, the slowest axis. A slice is kept when the reference has any non-zero label in it; the Dice of each
-    class is then computed over all kept slices stacked. Out: ``{class_name: dice}``; NaN when a class is absent
-    from the reference and the prediction in the kept slices.
+    along Z, the slowest axis. A slice is kept when the reference has any non-zero label in it; the prediction's
+    slice borders are zeroed as the authors do (:func:`zero_slice_borders`); the Dice of each class is then
+    computed over all kept slices stacked. Out: ``{class_name: dice}``; NaN when a class is absent from the
+    reference and the prediction in the kept slices.
     """
     reference, prediction = reference.reshape(reference.shape[-3:]), prediction.reshape(prediction.shape[-3:])
     if reference.shape != prediction.shape:
         raise ValueError(f'shape mismatch: reference {reference.shape} vs prediction {prediction.shape}')
     kept = np.any(reference != 0, axis=(1, 2))
-    reference, prediction = reference[kept], prediction[kept]
+    reference, prediction = reference[kept], zero_slice_borders(prediction[kept])
     return {name: _dice(reference == value, prediction == value) for name, value in _foreground(labels).items()}
 
 
@@ -93,22 +119,15 @@ def usable_cases(values) -> np.ndarray:
     return array[~np.all(np.isnan(array), axis=1)]
 
 
-def _statistic(samples: np.ndarray) -> np.ndarray:
-    """Mean over classes of the per-class NaN-excluding mean over cases; samples (..., n_cases, n_classes)."""
+def _statistic(samples: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Mean over classes of the per-class NaN-excluding mean over cases.
+
+    ``samples``: (n_classes, ..., n_cases), cases on ``axis`` (the last, as scipy's bootstrap passes them);
+    out: shape (...,).
+    """
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', RuntimeWarning)
-        return np.nanmean(np.nanmean(samples, axis=-2), axis=-1)
-
-
-def _bootstrap_distribution(cases: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
-    """The statistic on ``n_boot`` resamples (with replacement) of the rows of ``cases``; shape (n_boot,)."""
-    indices = rng.integers(0, len(cases), size=(n_boot, len(cases)))
-    return _statistic(cases[indices])
-
-
-def _interval(distribution: np.ndarray, alpha: float) -> tuple[float, float]:
-    low, high = np.nanpercentile(distribution, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-    return float(low), float(high)
+        return np.nanmean(np.nanmean(samples, axis=axis), axis=0)
 
 
 def bootstrap_ci(values, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> tuple[float, float, float]:
@@ -120,11 +139,7 @@ def bootstrap_ci(values, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0)
     Out: ``(mean, low, high)``, the (1 - alpha) interval from ``n_boot`` resamples drawn with ``seed``
     (deterministic). One case gives ``(v, v, v)``; no usable case gives ``(nan, nan, nan)``.
     """
-    cases = usable_cases(values)
-    if len(cases) == 0:
-        return float('nan'), float('nan'), float('nan')
-    distribution = _bootstrap_distribution(cases, n_boot, np.random.default_rng(seed))
-    return (float(_statistic(cases)), *_interval(distribution, alpha))
+    return stratified_bootstrap_ci([values], n_boot, alpha, seed)
 
 
 def stratified_bootstrap_ci(groups: list, n_boot: int = 1000, alpha: float = 0.05,
@@ -132,12 +147,25 @@ def stratified_bootstrap_ci(groups: list, n_boot: int = 1000, alpha: float = 0.0
     """Mean over groups (target domains) of :func:`bootstrap_ci`'s statistic, with a stratified bootstrap CI.
 
     In: one array per group, each shaped as ``values`` of :func:`bootstrap_ci`. Cases are resampled within each
-    group, so every group keeps its weight. Out: ``(mean, low, high)``; NaN when a group has no usable case.
+    group, so every group keeps its weight: scipy's ``bootstrap`` with one sample per group (unpaired samples are
+    resampled independently). Out: ``(mean, low, high)``; NaN when a group has no usable case.
     """
-    groups = [usable_cases(group) for group in groups]
-    if not groups or any(len(group) == 0 for group in groups):
+    groups = [usable_cases(group).T for group in groups]  # (n_classes, n_cases): scipy resamples the last axis
+    if not groups or any(group.shape[-1] == 0 for group in groups):
         return float('nan'), float('nan'), float('nan')
-    rng = np.random.default_rng(seed)
-    distribution = np.mean([_bootstrap_distribution(group, n_boot, rng) for group in groups], axis=0)
+    # scipy broadcasts the other axes: pad to one class count with all-NaN classes, which no mean counts.
+    n_classes = max(len(group) for group in groups)
+    groups = [np.pad(group, ((0, n_classes - len(group)), (0, 0)), constant_values=np.nan) for group in groups]
     mean = float(np.mean([_statistic(group) for group in groups]))
-    return (mean, *_interval(distribution, alpha))
+    # scipy needs two cases per sample; a one-case group's resamples are that case, so it adds a constant.
+    resampled = [group for group in groups if group.shape[-1] > 1]
+    constant = sum(float(_statistic(group)) for group in groups if group.shape[-1] == 1)
+    if not resampled:
+        return mean, mean, mean
+
+    def statistic(*samples, axis=-1):
+        return (sum(_statistic(sample, axis) for sample in samples) + constant) / len(groups)
+
+    interval = bootstrap(resampled, statistic, n_resamples=n_boot, confidence_level=1 - alpha, method='percentile',
+                         vectorized=True, axis=-1, rng=np.random.default_rng(seed)).confidence_interval
+    return mean, float(interval.low), float(interval.high)

@@ -23,14 +23,12 @@ import numpy as np
 from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 from nnunetv2.utilities.utils import get_identifiers_from_splitted_dataset_folder
 
+from nnunetv2_desam.errors import SplitError
+
 SPLITS_FILE = "splits_final.json"
 DEFAULT_SEED = 12345
 """nnU-Net's own split seed."""
 DEFAULT_TRAIN_FRACTION = 0.9
-
-
-class SplitError(Exception):
-    """The split cannot be made or would replace a different one; the message is for the user."""
 
 
 def compute_source_split(identifiers: Iterable[str], seed: int = DEFAULT_SEED,
@@ -110,10 +108,11 @@ def write_source_split(dataset: str | int | os.PathLike, seed: int = DEFAULT_SEE
     was trained on, so silently replacing a split would invalidate them.
     """
     folder = preprocessed_dataset_folder(dataset)
-    splits = [compute_source_split(case_identifiers(folder), seed, train_fraction)]
+    identifiers = case_identifiers(folder)
+    splits = [compute_source_split(identifiers, seed, train_fraction)]
     path = folder / SPLITS_FILE
     if path.exists():
-        if _read_json(path) == splits:
+        if holds_source_split(path, identifiers, seed, train_fraction):
             log(f"{path} already holds this split; unchanged")
             return path
         if not overwrite:
@@ -126,8 +125,10 @@ def write_source_split(dataset: str | int | os.PathLike, seed: int = DEFAULT_SEE
     return path
 
 
-def _read_json(path: Path) -> object:
+def holds_source_split(path: Path, identifiers: Iterable[str], seed: int = DEFAULT_SEED,
+                       train_fraction: float = DEFAULT_TRAIN_FRACTION) -> bool:
+    """Whether the ``splits_final.json`` at ``path`` exists and holds exactly this source split as its one fold."""
     try:
-        return json.loads(path.read_text())
-    except ValueError:
-        return None
+        return json.loads(path.read_text()) == [compute_source_split(identifiers, seed, train_fraction)]
+    except (OSError, ValueError):
+        return False

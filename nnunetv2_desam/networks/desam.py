@@ -15,10 +15,9 @@ evaluation use it unchanged. Everything SAM needs happens inside:
 4. **Size back.** PDMM's output (a quarter of the encoder input) returns to H×W like SAM's
    ``postprocess_masks``: upsampled to the encoder input, padding cropped, resized.
 
-**Combining grid prompts.** Each prompt i gives class probabilities p_i = softmax(z_i) and, with
-the IoU head, predicted IoUs s_ik for the foreground classes k. Foreground class k is the
-IoU-weighted mean Σ_i w_ik p_ik / Σ_i w_ik with w_ik = clamp(s_ik, 1e-3, 1); background uses the
-mean weight over classes. Without an IoU head every prompt weighs the same. The result is
+**Combining grid prompts** (``settings.grid_aggregation``, see ``grid_aggregation``): by default a
+prompt counts for foreground class k only if its predicted IoU for k is > 0.5, the kept prompts'
+class probabilities are averaged, and a tile where none passes is background. The result is
 returned as log-probabilities, whose softmax is the combined segmentation.
 """
 
@@ -29,24 +28,23 @@ import torch
 from torch import nn
 
 from nnunetv2_desam.networks.fast_attention import fuse_encoder_attention
+from nnunetv2_desam.networks.grid_aggregation import GridAggregator, check_grid_aggregation
+from nnunetv2_desam.networks.fingerprint_cache import load_sam_state_dict_and_fingerprint
+from nnunetv2_desam.networks.frozen_sam_weights import keep_frozen_sam_weights_out_of_checkpoints, recorded_fingerprint
 from nnunetv2_desam.networks.pdmm import PDMM
 from nnunetv2_desam.networks.prim import PRIM
 from nnunetv2_desam.networks.prompts import grid_points
 from nnunetv2_desam.networks.sam_input import SAMInput
 from nnunetv2_desam.networks.sam_backbone import SAMBackbone
 from nnunetv2_desam.networks.sam_checkpoint import (
-    SAMCheckpointError,
     SAMConfig,
     build_image_encoder,
     build_prompt_encoder,
-    load_sam_state_dict,
-    sam_fingerprint,
     sub_state_dict,
 )
 
 FROZEN_MODULES = ("image_encoder", "prompt_encoder")
-MIN_PROMPT_WEIGHT = 1e-3
-PROMPT_CHUNK_SIZE = 27  # grid prompts per PRIM/PDMM pass: a third of the paper's 9×9 grid
+PROMPT_CHUNK_SIZE = 27  # image·prompt pairs per PRIM/PDMM pass, whatever the batch: a third of the 9×9 grid
 
 
 @dataclass(frozen=True)
@@ -58,6 +56,7 @@ class DeSAMSettings:
     use_iou_head: bool = True
     fuse_mask_embedding: bool = True
     grid_size: int = 9
+    grid_aggregation: str = "gated"
 
     def __post_init__(self):
         if self.prompt_mode not in ("points", "box"):
@@ -70,6 +69,12 @@ class DeSAMSettings:
             raise ValueError("PRIM without IoU head and without mask-embedding fusion would be unused")
         if self.grid_size < 1:
             raise ValueError(f"grid_size must be at least 1, got {self.grid_size}")
+        check_grid_aggregation(self.grid_aggregation)
+
+    @property
+    def uses_grid(self) -> bool:
+        """Whether automatic prompts are a point grid that ``grid_aggregation`` combines."""
+        return self.prompt_mode == "points" and self.use_prim
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,9 +91,9 @@ class DeSAM(nn.Module):
     ``fused_attention`` (SDPA with the relative-position bias folded in, see ``fast_attention``;
     off = segment_anything's own attention) and ``prompt_shared_decoding`` (PDMM's image-only
     branches run once per image, not once per grid prompt). Grid prompts go through PRIM and
-    PDMM ``prompt_chunk_size`` at a time, which bounds memory for any grid size.
-    ``intensity_windows``: one (low, high) of nnU-Net's normalised units per input channel
-    (:func:`~nnunetv2_desam.networks.sam_input.intensity_windows` reads them off the plans).
+    PDMM ``prompt_chunk_size`` image·prompt pairs at a time, which bounds memory for any grid
+    and batch size. ``intensity_windows``: one (low, high) of nnU-Net's normalised units per input
+    channel (:func:`~nnunetv2_desam.networks.sam_input.intensity_windows` reads them off the plans).
     """
 
     def __init__(
@@ -101,8 +106,11 @@ class DeSAM(nn.Module):
         fused_attention: bool = True,
         prompt_chunk_size: int = PROMPT_CHUNK_SIZE,
         intensity_windows: Optional[Sequence[Tuple[float, float]]] = None,
+        fingerprint: Optional[str] = None,
     ):
         super().__init__()
+        if settings.uses_grid:
+            check_grid_aggregation(settings.grid_aggregation, num_classes)
         config = SAMConfig.from_state_dict(sam_state_dict)
         self.settings = settings
         self.sam_config = config
@@ -125,19 +133,22 @@ class DeSAM(nn.Module):
         self.decoder = PDMM(config.encoder_embed_dim, config.prompt_embed_dim, num_classes, settings.fuse_mask_embedding)
 
         self.sam_input = SAMInput(num_input_channels, config.img_size, intensity_windows)
-        digest = bytes.fromhex(sam_fingerprint(sam_state_dict))
-        self.register_buffer("sam_fingerprint", torch.tensor(list(digest), dtype=torch.uint8))
-        self.register_state_dict_post_hook(_drop_frozen_weights)
-        self.register_load_state_dict_pre_hook(_check_and_complete_frozen_weights)
+        frozen_keys = [key for key in self.state_dict() if key.startswith(tuple(f"{m}." for m in FROZEN_MODULES))]
+        keep_frozen_sam_weights_out_of_checkpoints(self, sam_state_dict, frozen_keys, "DeSAM", fingerprint)
 
     @classmethod
     def from_sam_checkpoint(cls, path: str, num_input_channels: int, num_classes: int, **kwargs) -> "DeSAM":
-        """Build from an official-layout SAM file (ViT-B/L/H or smaller); the file decides the size."""
-        return cls(load_sam_state_dict(path), num_input_channels, num_classes, **kwargs)
+        """Build from an official-layout SAM file (ViT-B/L/H or smaller); the file decides the size.
+
+        The file's fingerprint is hashed once and then read from a cache while the file is unchanged
+        (:mod:`~nnunetv2_desam.networks.fingerprint_cache`).
+        """
+        state_dict, fingerprint = load_sam_state_dict_and_fingerprint(path)
+        return cls(state_dict, num_input_channels, num_classes, fingerprint=fingerprint, **kwargs)
 
     @property
     def fingerprint(self) -> str:
-        return bytes(self.sam_fingerprint.cpu().tolist()).hex()
+        return recorded_fingerprint(self)
 
     def train(self, mode: bool = True) -> "DeSAM":
         super().train(mode)
@@ -216,9 +227,10 @@ class DeSAM(nn.Module):
     def _decode_prompts(self, taps, embedding, sparse, dense, prompts_per_image: int) -> Tuple[List[torch.Tensor], Optional[torch.Tensor]]:
         """PRIM + PDMM for P prompts per image → outputs (a list: [full] or [full, half]) and IoU B×P×(K-1) or None.
 
-        One prompt per image gives its logits. More are combined (module docstring) into
-        log-probabilities B×K×h×w, ``prompt_chunk_size`` prompts at a time, so that memory does not
-        grow with the grid: PRIM and PDMM hold (B·chunk)×D×G×G and (B·chunk)×D/4×4G×4G tensors.
+        One prompt per image gives its logits. More are combined by ``settings.grid_aggregation``
+        into log-probabilities B×K×h×w, in passes of at most ``prompt_chunk_size`` image·prompt
+        pairs (:func:`prompt_passes`), so that memory grows neither with the grid nor with the
+        batch: PRIM and PDMM hold (pairs)×D×G×G and (pairs)×D/4×4G×4G tensors.
         """
         batch = embedding.shape[0]
         features = self.decoder.encode_taps(taps) if self.prompt_shared_decoding else None
@@ -226,19 +238,23 @@ class DeSAM(nn.Module):
         if prompts_per_image == 1:
             mask_embedding, iou = self.prim(embedding, dense_pe, sparse, dense)
             return _as_list(self._decode(taps, features, mask_embedding, 1)), None if iou is None else iou.view(batch, 1, -1)
-        sums, ious = None, []
-        for start in range(0, prompts_per_image, self.prompt_chunk_size):
-            chunk = slice(start, start + self.prompt_chunk_size)
-            chunk_sparse, chunk_dense = (t.unflatten(0, (batch, prompts_per_image))[:, chunk].flatten(0, 1) for t in (sparse, dense))
-            prompts = chunk_sparse.shape[0] // batch
-            mask_embedding, iou = self.prim(embedding, dense_pe, chunk_sparse, chunk_dense)
-            iou = None if iou is None else iou.view(batch, prompts, -1)
-            logits = _as_list(self._decode(taps, features, mask_embedding, prompts))
-            chunk_sums = [weighted_probability_sums(o, iou, prompts) for o in logits]
-            sums = chunk_sums if sums is None else [(n + cn, d + cd) for (n, d), (cn, cd) in zip(sums, chunk_sums)]
-            ious.append(iou)
-        outputs = [(numerator / denominator).clamp_min(1e-8).log() for numerator, denominator in sums]
-        return outputs, None if ious[0] is None else torch.cat(ious, dim=1)
+        sparse, dense = (t.unflatten(0, (batch, prompts_per_image)) for t in (sparse, dense))
+        aggregators, ious = None, None
+        for images, prompts in prompt_passes(batch, prompts_per_image, self.prompt_chunk_size):
+            pass_sparse, pass_dense = (t[images, prompts] for t in (sparse, dense))
+            count = pass_sparse.shape[1]
+            mask_embedding, iou = self.prim(embedding[images], dense_pe, pass_sparse.flatten(0, 1), pass_dense.flatten(0, 1))
+            iou = None if iou is None else iou.view(-1, count, iou.shape[-1])
+            pass_features = None if features is None else [f[images] for f in features]
+            logits = _as_list(self._decode([t[images] for t in taps], pass_features, mask_embedding, count))
+            if aggregators is None:
+                aggregators = [GridAggregator(self.settings.grid_aggregation, batch, prompts_per_image) for _ in logits]
+                ious = None if iou is None else iou.new_zeros(batch, prompts_per_image, iou.shape[-1])
+            for aggregator, output in zip(aggregators, logits):
+                aggregator.add(images, prompts, output, iou)
+            if iou is not None:
+                ious[images, prompts] = iou
+        return [aggregator.result() for aggregator in aggregators], ious
 
     def _decode(self, taps, features, mask_embedding, prompts_per_image):
         """PDMM per prompt; image-only ``features`` (PDMM.encode_taps) are shared across prompts, or
@@ -249,42 +265,19 @@ class DeSAM(nn.Module):
         return self.decoder(repeated_taps, mask_embedding)
 
 
-def weighted_probability_sums(logits: torch.Tensor, iou: Optional[torch.Tensor], prompts_per_image: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(B·P)×K×h×w logits of P prompts per image → Σ_i w_i·softmax(z_i) (B×K×h×w) and Σ_i w_i (B×K×1×1).
+def prompt_passes(batch: int, prompts_per_image: int, pairs_per_pass: int) -> List[Tuple[slice, slice]]:
+    """(images, prompts) slices of the PRIM/PDMM passes over B images × P prompts, ≤ ``pairs_per_pass`` pairs each.
 
-    w_ik = clamp(IoU_ik, 1e-3, 1) for foreground class k, their mean for the background; 1 without IoU.
+    Whole images (all P prompts of ⌊pairs/P⌋ images) when the grid fits into a pass, else one
+    image's prompts ``pairs_per_pass`` at a time; every pass has the same prompts per image.
     """
-    probabilities = logits.float().softmax(1).unflatten(0, (-1, prompts_per_image))  # B×P×K×h×w
-    if iou is None:
-        weights = probabilities.new_ones(probabilities.shape[:3])
-    else:
-        foreground = iou.float().clamp(MIN_PROMPT_WEIGHT, 1.0)  # B×P×(K-1)
-        weights = torch.cat([foreground.mean(-1, keepdim=True), foreground], dim=-1)
-    weights = weights[..., None, None]
-    return (weights * probabilities).sum(1), weights.sum(1)
+    if pairs_per_pass >= prompts_per_image:
+        images = pairs_per_pass // prompts_per_image
+        return [(slice(start, start + images), slice(None)) for start in range(0, batch, images)]
+    return [(slice(image, image + 1), slice(start, start + pairs_per_pass))
+            for image in range(batch) for start in range(0, prompts_per_image, pairs_per_pass)]
 
 
 def _as_list(outputs) -> List[torch.Tensor]:
     return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
 
-
-def _drop_frozen_weights(module, state_dict, prefix, local_metadata) -> None:
-    """state_dict post-hook: the frozen SAM weights live in the SAM file, not in our checkpoints."""
-    for key in [k for k in state_dict if k.startswith(tuple(f"{prefix}{m}." for m in FROZEN_MODULES))]:
-        del state_dict[key]
-
-
-def _check_and_complete_frozen_weights(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
-    """load_state_dict pre-hook: refuse weights trained on other SAM weights; keep our frozen ones."""
-    key = prefix + "sam_fingerprint"
-    if key in state_dict:
-        saved = bytes(state_dict[key].cpu().tolist()).hex()
-        if saved != module.fingerprint:
-            raise SAMCheckpointError(
-                f"these DeSAM weights were trained with SAM weights of fingerprint {saved[:16]}…, but the SAM "
-                f"checkpoint in use has fingerprint {module.fingerprint[:16]}…: point DESAM_SAM_CHECKPOINT at "
-                f"the SAM file used for training"
-            )
-    for child in FROZEN_MODULES:
-        for name, tensor in getattr(module, child).state_dict(prefix=f"{prefix}{child}.", keep_vars=True).items():
-            state_dict.setdefault(name, tensor.detach())

@@ -62,6 +62,11 @@ class PDMM(nn.Module):
     G → 2G → 4G with skip fusion; the 4G head is the output (a quarter of the encoder input), the
     2G head the deep-supervision output.
 
+    The two heads (1×1 convolutions to K classes) are ``seg_layers[0]`` (4G) and ``seg_layers[1]``
+    (2G): nnU-Net's name for class-count-dependent output layers, whose keys
+    (``decoder.seg_layers.…``) ``nnUNetv2_train -pretrained_weights`` skips, so weights trained with
+    another number of classes fine-tune.
+
     The work splits in two so that grid prompts can share it: :meth:`encode_taps` depends only on
     the image, :meth:`decode` on the prompt's mask embedding.
     """
@@ -77,10 +82,9 @@ class PDMM(nn.Module):
         self.mask_embedding_fusion = se_residual_block(2 * width, width) if fuse_mask_embedding else None
         self.up_middle = nn.ConvTranspose2d(width, half, 2, stride=2)
         self.decode_middle = se_residual_block(width, half)
-        self.head_middle = nn.Conv2d(half, num_classes, 1)
         self.up_shallow = nn.ConvTranspose2d(half, quarter, 2, stride=2)
         self.decode_shallow = se_residual_block(half, quarter)
-        self.head = nn.Conv2d(quarter, num_classes, 1)
+        self.seg_layers = nn.ModuleList([nn.Conv2d(quarter, num_classes, 1), nn.Conv2d(half, num_classes, 1)])
 
     def encode_taps(self, taps: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Taps (shallow, middle, deep), each B×C_enc×G×G → (B×D/4×4G×4G, B×D/2×2G×2G, B×D×G×G)."""
@@ -108,9 +112,9 @@ class PDMM(nn.Module):
         if self.mask_embedding_fusion is not None:
             deep = self._fuse(self.mask_embedding_fusion, [deep, mask_embedding], prompts_per_image)
         x = self._fuse(self.decode_middle, [self.up_middle(deep), middle], prompts_per_image)
-        middle_logits = self.head_middle(x) if self.deep_supervision else None
+        middle_logits = self.seg_layers[1](x) if self.deep_supervision else None
         x = self._fuse(self.decode_shallow, [self.up_shallow(x), shallow], prompts_per_image)
-        logits = self.head(x)
+        logits = self.seg_layers[0](x)
         return [logits, middle_logits] if self.deep_supervision else logits
 
     @staticmethod

@@ -3,11 +3,40 @@
 from typing import Dict, Optional, Tuple
 
 import torch
-from segment_anything.modeling.mask_decoder import MLP
+import torch.nn.functional as F
 from segment_anything.modeling.transformer import TwoWayTransformer
 from torch import nn
 
 from nnunetv2_desam.networks.sam_checkpoint import SAMConfig, TWO_WAY_TRANSFORMER_HEADS, sub_state_dict
+
+
+class IoUHead(nn.Module):
+    """SAM's IoU-prediction MLP (``depth`` linear layers, ReLU between them) with one output per foreground class.
+
+    Written here rather than reusing segment_anything's ``MLP`` only to name the last layer: it is
+    ``seg_layers[0]``, nnU-Net's name for class-count-dependent output layers, whose keys
+    ``nnUNetv2_train -pretrained_weights`` skips, so weights trained with another number of classes
+    fine-tune. In: tokens N×D; out: N×outputs.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, outputs: int, depth: int):
+        super().__init__()
+        widths = [dim] + [hidden_dim] * (depth - 1)
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(widths[:-1], widths[1:]))
+        self.seg_layers = nn.ModuleList([nn.Linear(widths[-1], outputs)])
+
+    def load_sam_iou_head(self, head: Dict[str, torch.Tensor]) -> None:
+        """Load SAM's ``iou_prediction_head.*`` entries; every output starts as SAM's first one."""
+        last = f"layers.{len(self.layers)}."
+        weight, bias = head.pop(last + "weight"), head.pop(last + "bias")
+        outputs = self.seg_layers[0].out_features
+        head["seg_layers.0.weight"], head["seg_layers.0.bias"] = weight[:1].repeat(outputs, 1), bias[:1].repeat(outputs)
+        self.load_state_dict(head)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            tokens = F.relu(layer(tokens))
+        return self.seg_layers[0](tokens)
 
 
 class PRIM(nn.Module):
@@ -32,9 +61,9 @@ class PRIM(nn.Module):
         )
         self.iou_token = nn.Embedding(1, dim)
         self.mask_tokens = nn.Embedding(config.num_mask_tokens, dim)
-        self.iou_prediction_head: Optional[MLP] = None
+        self.iou_prediction_head: Optional[IoUHead] = None
         if num_iou_outputs > 0:
-            self.iou_prediction_head = MLP(dim, config.iou_head_hidden_dim, num_iou_outputs, config.iou_head_depth)
+            self.iou_prediction_head = IoUHead(dim, config.iou_head_hidden_dim, num_iou_outputs, config.iou_head_depth)
         else:
             for module in (self.transformer.final_attn_token_to_image, self.transformer.norm_final_attn):
                 module.requires_grad_(False)
@@ -46,12 +75,7 @@ class PRIM(nn.Module):
         self.iou_token.load_state_dict(sub_state_dict(decoder, "iou_token."))
         self.mask_tokens.load_state_dict(sub_state_dict(decoder, "mask_tokens."))
         if self.iou_prediction_head is not None:
-            head = sub_state_dict(decoder, "iou_prediction_head.")
-            last = f"layers.{len(self.iou_prediction_head.layers) - 1}."
-            outputs = self.iou_prediction_head.layers[-1].out_features
-            head[last + "weight"] = head[last + "weight"][:1].repeat(outputs, 1)
-            head[last + "bias"] = head[last + "bias"][:1].repeat(outputs)
-            self.iou_prediction_head.load_state_dict(head)
+            self.iou_prediction_head.load_sam_iou_head(sub_state_dict(decoder, "iou_prediction_head."))
 
     def forward(
         self,

@@ -6,14 +6,14 @@ Coordinates are (x, y) = (column, row) in pixels of the image they refer to, as 
 from typing import Optional, Tuple
 
 import torch
+from segment_anything.utils.amg import build_point_grid
 
 
 def grid_points(points_per_side: int, image_size: Tuple[int, int]) -> torch.Tensor:
-    """SAM's automatic grid: N×N points at the centres of an N×N tiling. Returns N²×2 (x, y)."""
+    """SAM's automatic grid (``build_point_grid``: the centres of an N×N tiling, row by row) scaled to
+    an H×W image. Returns N²×2 (x, y), float32."""
     height, width = image_size
-    centres = (torch.arange(points_per_side, dtype=torch.float32) + 0.5) / points_per_side
-    ys, xs = torch.meshgrid(centres * height, centres * width, indexing="ij")
-    return torch.stack([xs.flatten(), ys.flatten()], dim=-1)
+    return torch.from_numpy(build_point_grid(points_per_side) * [width, height]).float()
 
 
 def sample_training_points(

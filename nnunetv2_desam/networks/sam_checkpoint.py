@@ -13,7 +13,7 @@ import pickle
 import zipfile
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import Dict, Tuple
+from typing import Dict, Tuple, Type
 
 import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
@@ -108,6 +108,11 @@ class SAMConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, values: dict) -> "SAMConfig":
+        """Inverse of :meth:`to_dict`, also after a JSON round trip (lists back to tuples)."""
+        return cls(**{**values, "encoder_global_attn_indexes": tuple(values["encoder_global_attn_indexes"])})
+
 
 def build_image_encoder(config: SAMConfig) -> ImageEncoderViT:
     """segment_anything's ViT with the checkpoint's geometry (random weights until loaded)."""
@@ -137,8 +142,8 @@ def build_prompt_encoder(config: SAMConfig) -> PromptEncoder:
     )
 
 
-def build_mask_decoder(config: SAMConfig) -> MaskDecoder:
-    """SAM's full mask decoder; DeSAM keeps its transformer, tokens and IoU head (PRIM)."""
+def build_mask_decoder(config: SAMConfig, decoder_class: Type[MaskDecoder] = MaskDecoder) -> MaskDecoder:
+    """SAM's full mask decoder (or a subclass with its constructor); DeSAM keeps its transformer, tokens and IoU head (PRIM)."""
     transformer = TwoWayTransformer(
         depth=config.transformer_depth,
         embedding_dim=config.prompt_embed_dim,
@@ -146,7 +151,7 @@ def build_mask_decoder(config: SAMConfig) -> MaskDecoder:
         num_heads=TWO_WAY_TRANSFORMER_HEADS,
         attention_downsample_rate=config.attention_downsample_rate,
     )
-    return MaskDecoder(
+    return decoder_class(
         transformer_dim=config.prompt_embed_dim,
         transformer=transformer,
         num_multimask_outputs=config.num_mask_tokens - 1,

@@ -66,6 +66,11 @@ def intensity_windows(normalization_schemes: Sequence[str], foreground_propertie
     return tuple(windows)
 
 
+def intensity_windows_from_plans(plans_manager, configuration_manager) -> Tuple[Tuple[float, float], ...]:
+    """:func:`intensity_windows` of an nnU-Net ``PlansManager`` and ``ConfigurationManager``."""
+    return intensity_windows(configuration_manager.normalization_schemes, plans_manager.foreground_intensity_properties_per_channel)
+
+
 def channel_mixing_matrix(num_input_channels: int) -> torch.Tensor:
     """3×C matrix mapping C input channels to SAM's RGB.
 
@@ -106,13 +111,17 @@ class SAMInput(nn.Module):
         """B×C×H×W normalised intensities → B×C×H×W SAM pixel values in [0, 255] (each channel's window)."""
         return 255.0 * ((x.float() - self.window_low) / self.window_width).clamp(0.0, 1.0)
 
+    def rgb(self, x: torch.Tensor) -> torch.Tensor:
+        """B×C×H×W normalised intensities → B×3×H×W RGB in [0, 255], at the patch's size."""
+        return torch.einsum("rc,bchw->brhw", self.channel_mixing, self.intensities(x))
+
     def resized_size(self, patch_size: Tuple[int, int]) -> Tuple[int, int]:
         """(H, W) → (h', w'): SAM's longest-side size, ``ResizeLongestSide.get_preprocess_shape``."""
         return ResizeLongestSide.get_preprocess_shape(patch_size[0], patch_size[1], self.image_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """B×C×H×W patch → B×3×S×S SAM-normalised, zero-padded image (content in the top-left h'×w')."""
-        rgb = torch.einsum("rc,bchw->brhw", self.channel_mixing, self.intensities(x))
+        rgb = self.rgb(x)
         # ResizeLongestSide.apply_image_torch, with the size taken from H×W (its own reads B×C:
         # segment-anything issue #218)
         rgb = F.interpolate(rgb, self.resized_size(x.shape[-2:]), mode="bilinear", align_corners=False, antialias=True)

@@ -9,15 +9,14 @@ import zlib
 
 import torch
 import torch.nn.functional as F
-from torch import autocast
 
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.utilities.helpers import dummy_context
 
 from nnunetv2_desam.console import report_desam_errors_in_one_line
 from nnunetv2_desam.environment_variables import (
     apply_training_overrides,
+    grid_aggregation_from_environment,
     grid_size_from_environment,
     learning_rate_from_environment,
     sam_checkpoint_path,
@@ -25,7 +24,8 @@ from nnunetv2_desam.environment_variables import (
 from nnunetv2_desam.errors import ConfigurationError
 from nnunetv2_desam.networks.desam import DeSAM, DeSAMSettings
 from nnunetv2_desam.networks.prompts import sample_training_points
-from nnunetv2_desam.networks.sam_input import intensity_windows
+from nnunetv2_desam.networks.sam_input import intensity_windows_from_plans
+from nnunetv2_desam.training_step import autocast_on_cuda, backward_and_step
 
 PAPER_BATCH_SIZE = 8
 PAPER_LEARNING_RATE = 1e-4
@@ -63,13 +63,18 @@ class nnUNetTrainerDeSAM(nnUNetTrainer):
 
     @classmethod
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels, num_output_channels, enable_deep_supervision: bool = True) -> DeSAM:
-        """The SAM file comes from DESAM_SAM_CHECKPOINT, the intensity windows from the plans (called by the
-        trainer and by nnUNetv2_predict, so both map intensities alike)."""
+        """The SAM file comes from DESAM_SAM_CHECKPOINT, the grid from DESAM_GRID_SIZE and DESAM_GRID_AGGREGATION,
+        the intensity windows from the plans (called by the trainer and by nnUNetv2_predict, so both map intensities alike)."""
         report_desam_errors_in_one_line()
         if len(configuration_manager.patch_size) != 2:
             raise ConfigurationError("DeSAM is a 2D method, use -c 2d")
-        settings = DeSAMSettings(**{**cls.desam_settings.to_dict(), "grid_size": grid_size_from_environment(cls.desam_settings.grid_size)})
-        windows = intensity_windows(configuration_manager.normalization_schemes, plans_manager.foreground_intensity_properties_per_channel)
+        default = cls.desam_settings
+        settings = DeSAMSettings(**{
+            **default.to_dict(),
+            "grid_size": grid_size_from_environment(default.grid_size),
+            "grid_aggregation": grid_aggregation_from_environment(default.grid_aggregation),
+        })
+        windows = intensity_windows_from_plans(plans_manager, configuration_manager)
         network = DeSAM.from_sam_checkpoint(sam_checkpoint_path(), num_input_channels, num_output_channels, settings=settings, intensity_windows=windows)
         network.decoder.deep_supervision = enable_deep_supervision
         return network
@@ -105,26 +110,13 @@ class nnUNetTrainerDeSAM(nnUNetTrainer):
         data = batch["data"].to(self.device, non_blocking=True)
         target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) else target.to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+        with autocast_on_cuda(self.device):
             output, iou = self.network(data, points=points.to(self.device))
             loss = self.loss(output, target)
             if iou is not None:
                 loss = loss + self.iou_loss_weight * F.mse_loss(iou[:, 0].float(), iou_target.to(self.device))
-        self._backward_and_step(loss)
+        backward_and_step(loss, self.optimizer, self.grad_scaler, self.network.parameters())
         return {"loss": loss.detach().cpu().numpy()}
-
-    def _backward_and_step(self, loss: torch.Tensor) -> None:
-        """nnU-Net's update: (scaled) backward, clip the gradient norm at 12, step."""
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.optimizer.step()
 
     def save_checkpoint(self, filename: str) -> None:
         """As nnU-Net's, but checkpoint_final.pth drops Adam's moments (2× the weights): a slim, deployable file.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Pack, into .whl/site-py312.tar.xz, the Python packages scripts/gpu_check.sh needs on the lent GPU
+# Pack, into .whl/site-py312.tar.xz, the Python packages scripts/gpu_check/gpu_check.sh needs on the lent GPU
 # machine, which has no package registry.
 #
 # Its Python 3.12 image already holds torch, numpy, scipy, scikit-image, matplotlib, pandas, timm,
@@ -8,9 +8,9 @@
 # built from its pure-Python sdist. The wheels (~67 MB, SimpleITK alone 53 MB) are over what may
 # travel to that machine (64 MiB), so they are installed into a folder here with a Python 3.12 and
 # that folder is xz-compressed (~38 MB). Run from the repository root; .whl/ is git-ignored.
-#   PYTHON312=/path/to/python3.12 bash scripts/pack_gpu_site.sh
+#   PYTHON312=/path/to/python3.12 bash scripts/gpu_check/pack_gpu_site.sh
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PYTHON312=${PYTHON312:-python3.12}
 PACKAGES=(
     nnunetv2==2.8.1 segment-anything==1.0 dynamic-network-architectures==0.4.4

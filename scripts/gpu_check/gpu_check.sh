@@ -3,13 +3,13 @@
 #
 # Run from the repository root of the copy on the GPU machine, with .whl carried along: the
 # packages its image lacks (nnunetv2, segment_anything, SimpleITK, ...), packed by
-# scripts/pack_gpu_site.sh, are unpacked into /tmp/site.
+# scripts/gpu_check/pack_gpu_site.sh, are unpacked into /tmp/site.
 # Results go to $OUT (default benchmark_results/): benchmark_cuda.json, benchmark_cuda.txt (the
 # table), benchmark_cuda.log (progress and any traceback), grid_memory_cuda.json/.txt. Expected
 # 3-5 minutes after the install; the tests (with the CUDA torch.compile check) are capped at 120 s,
 # the benchmark at 300 s (it writes its JSON after every row), the grid-memory benchmark at 120 s.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT=${OUT:-benchmark_results}
 mkdir -p "$OUT"
 PYTHON=${PYTHON:-python3}

@@ -4,8 +4,8 @@ On a machine with nothing configured, it creates FOLDER with its own ``nnUNet_ra
 ``nnUNet_preprocessed`` and ``nnUNet_results``, three synthetic domains
 (:mod:`~nnunetv2_desam.experiments.synthetic`; SiteA is the source, SiteB and SiteC the targets)
 and a tiny SAM checkpoint with random weights, then runs ``nnUNetv2_desam_crossdomain`` on them
-with a budget of 250 iterations, enough for every method to learn the source domain (the DeSAM
-trainers at learning rate 1e-3). Every setting reaches the subprocesses through their
+with a budget of 300 iterations, enough for every method to learn the source domain (the DeSAM
+trainers at learning rate 3e-3). Every setting reaches the subprocesses through their
 environment only; the caller's shell and environment variables are neither read for nnU-Net
 settings nor changed.
 
@@ -38,16 +38,16 @@ FIRST_ID = 901
 SEED = 0
 SETTINGS_FILE = "demo.json"
 SAM_FILE = "sam_tiny_random.pth"
-LEARNING_RATE = 1e-3  # DeSAM trainers only (the paper's 1e-4 learns too slowly for 250 iterations); the baseline keeps nnU-Net's
+LEARNING_RATE = 3e-3  # DeSAM trainers only (the paper's 1e-4 learns too slowly for 300 iterations); the baseline keeps nnU-Net's
 DISCLAIMER = (
     "DEMO ONLY: these numbers say nothing about DeSAM's accuracy, least of all across domains. The SAM encoder is "
     "a tiny ViT with untrained random weights (not Meta's SAM), whose features carry none of the robustness DeSAM "
-    "relies on; every model trains for 250 iterations (the DeSAM trainers at learning rate 1e-3, ten times the "
+    "relies on; every model trains for 300 iterations (the DeSAM trainers at learning rate 3e-3, 30 times the "
     "paper's), and the data are a handful of synthetic 6×64×64 volumes. The demo shows that the workflow runs end "
     "to end and that every method learns the source domain; for real results run nnUNetv2_desam_crossdomain with "
     "an official SAM checkpoint on real data."
 )
-FIGURE_NOTE = ("DEMO ONLY, untrained encoder: a tiny random SAM, 250 iterations, synthetic data. "
+FIGURE_NOTE = ("DEMO ONLY, untrained encoder: a tiny random SAM, 300 iterations, synthetic data. "
                "These numbers say nothing about DeSAM's accuracy.")
 
 
@@ -57,7 +57,7 @@ class DemoSettings:
     the demo's; the tests run the same workflow smaller."""
 
     shape: tuple[int, int, int] = (6, 64, 64)
-    budget: dict = field(default_factory=lambda: {"epochs": 5, "iterations-per-epoch": 50, "val-iterations": 1})
+    budget: dict = field(default_factory=lambda: {"epochs": 6, "iterations-per-epoch": 50, "val-iterations": 1})
     grid_sizes: tuple[int, ...] = (3, 5, 9)
     domains: tuple[SyntheticDomain, ...] = DEFAULT_DOMAINS
 

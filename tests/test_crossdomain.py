@@ -108,6 +108,15 @@ def test_baseline_alone_needs_no_sam_checkpoint(nnunet_env):
     assert experiment(["-s", "901", "-t", "902", "-tr", "nnUNetTrainer"]).trainers == ["nnUNetTrainer"]
 
 
+@pytest.mark.parametrize("option", ["--split-seed", "--seed"])
+def test_a_seed_numpy_cannot_take_is_a_usage_error(option, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.build_parser().parse_args(["-s", "901", "-t", "902", option, "-3"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "a seed must be an integer from 0 to 4294967295, got '-3'" in error
+    assert "Traceback" not in error
+
+
 def test_unknown_trainer_is_refused(nnunet_env, capsys):
     write_domains(nnunet_env)
     assert_one_line_error(capsys, run_main(["-s", "901", "-t", "902", "-tr", "nnUNetTrainerDeSAM_box"]), 2,

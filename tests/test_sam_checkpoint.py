@@ -62,6 +62,12 @@ def test_missing_file_is_refused(tmp_path):
     _assert_one_line_naming(error.value, path, "not found")
 
 
+def test_a_directory_is_refused_as_a_directory(tmp_path):
+    with pytest.raises(SAMCheckpointError) as error:
+        load_sam_state_dict(tmp_path)
+    _assert_one_line_naming(error.value, tmp_path, "is a directory")
+
+
 def test_truncated_file_is_refused(tiny_sam_checkpoint, tmp_path):
     path = tmp_path / "truncated.pth"
     data = tiny_sam_checkpoint.read_bytes()

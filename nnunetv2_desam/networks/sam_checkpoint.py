@@ -179,6 +179,8 @@ def load_sam_state_dict(path: str) -> Dict[str, torch.Tensor]:
     corrupted or foreign file.
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise SAMCheckpointError(f"{path} is a directory, not a SAM checkpoint file; {_official_hint()}")
     if not os.path.isfile(path):
         raise SAMCheckpointError(f"SAM checkpoint not found: {path}; {_official_hint()}")
     try:

@@ -28,6 +28,17 @@ def _methods_help() -> str:
             f"(the same trainer honouring the budget) when a budget is given")
 
 
+def seed_argument(text: str) -> int:
+    """An argparse ``type`` for numpy's legacy seeds, 0 to 2**32 - 1 (the split's and the bootstrap's)."""
+    try:
+        seed = int(text)
+    except ValueError:
+        seed = -1
+    if not 0 <= seed < 2**32:
+        raise argparse.ArgumentTypeError(f"a seed must be an integer from 0 to {2**32 - 1}, got {text!r}")
+    return seed
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -88,14 +99,14 @@ Datasets are given by id (901) or name (Dataset901_SiteA).""",
                         help="output folder (default: ./crossdomain_<source dataset name>)")
     parser.add_argument("-device", "--device", choices=("cuda", "cpu", "mps"),
                         help="device for training and prediction (default: cuda when available, else cpu)")
-    parser.add_argument("--split-seed", type=int, default=DEFAULT_SEED,
+    parser.add_argument("--split-seed", type=seed_argument, default=DEFAULT_SEED,
                         help=f"seed of the 9:1 source split (default {DEFAULT_SEED}, nnU-Net's)")
     parser.add_argument("--overwrite-split", action="store_true",
                         help="replace a splits_final.json that holds another split (e.g. nnU-Net's 5-fold split from "
                              "an earlier nnUNetv2_train) with the 9:1 split. Models trained on that dataset with the "
                              "old split become invalid (their validation cases may be training cases of the new "
                              "split); refused while this experiment's own model folders hold such a training")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap confidence intervals (default 0)")
+    parser.add_argument("--seed", type=seed_argument, default=0, help="seed of the bootstrap confidence intervals (default 0)")
     parser.add_argument("--n-boot", type=positive_int_argument, default=1000,
                         help="bootstrap resamples of the confidence intervals (default 1000)")
     return parser

@@ -54,6 +54,8 @@ Rerunning the same command resumes: finished steps print 'skipped (done)'.""",
   DESAM_SAM_CHECKPOINT  official SAM checkpoint file; required when a DeSAM trainer is run, and
                         checked (its keys) before anything runs
   DESAM_GRID_SIZE       points per side of DeSAM-P's inference grid (default 9)
+  DESAM_GRID_AGGREGATION  how DeSAM-P combines grid prompts: gated (default), mean, authors
+  DESAM_BATCH_SIZE, DESAM_LEARNING_RATE   training batch size; the DeSAM trainers' learning rate
   DESAM_EPOCHS, DESAM_ITERATIONS_PER_EPOCH, DESAM_VAL_ITERATIONS_PER_EPOCH
                         training budget, as --epochs, --iterations-per-epoch, --val-iterations
                         (the options win)

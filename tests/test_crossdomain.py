@@ -22,6 +22,7 @@ from nnunetv2_desam.experiments.crossdomain import cli, experiment as crossdomai
 from nnunetv2_desam.errors import ExperimentError, StepFailed
 from nnunetv2_desam.experiments.report import PROTOCOL_FOREGROUND_SLICES, PROTOCOL_WHOLE_VOLUME
 from nnunetv2_desam.experiments.synthetic import DEFAULT_DOMAINS, LABELS, write_synthetic_domains
+from tests.commands import run
 
 SOURCE, TARGET = "Dataset901_SiteA", "Dataset902_SiteB"
 BUDGET = ["--epochs", "1", "--iterations-per-epoch", "2", "--val-iterations", "1"]
@@ -168,6 +169,40 @@ def test_finished_training_with_another_budget_is_refused(nnunet_env, capsys):
     (fold / "debug.json").write_text(json.dumps({"num_epochs": "1000", "batch_size": "2"}))
     code = run_main(["-s", "901", "-t", "902", "-tr", "nnUNetTrainerBudget", *BUDGET])
     assert_one_line_error(capsys, code, 2, "num_epochs=1000", str(fold))
+
+
+def test_plans_of_ones_own_must_exist_before_anything_runs(nnunet_env, capsys):
+    write_domains(nnunet_env)
+    code = run_main(["-s", "901", "-t", "902", "-tr", "nnUNetTrainerBudget", "-p", "nnUNetPlans_coarse", *BUDGET])
+    missing = nnunet_env / "nnUNet_preprocessed" / SOURCE / "nnUNetPlans_coarse.json"
+    assert_one_line_error(capsys, code, 2, "plans nnUNetPlans_coarse not found", str(missing),
+                          "nnUNetv2_plan_experiment -d 901 -overwrite_plans_name nnUNetPlans_coarse")
+
+
+def test_the_experiment_trains_and_predicts_with_ones_own_plans(nnunet_env, capsys, monkeypatch):
+    """Plans made with nnU-Net's own commands (a coarser spacing), then the experiment with -p: nnUNetv2_preprocess
+    with those plans, training, prediction and scoring in the plans' model folder."""
+    write_domains(nnunet_env, num_cases=3)
+    monkeypatch.setenv("nnUNet_def_n_proc", "1")
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    planning = {**os.environ, "nnUNet_n_proc_DA": "1"}
+    run(["nnUNetv2_extract_fingerprint", "-d", "901", "-np", "1"], planning)
+    run(["nnUNetv2_plan_experiment", "-d", "901", "-overwrite_plans_name", "nnUNetPlans_coarse",
+         "-overwrite_target_spacing", "2", "2", "2"], planning)
+    argv = ["-s", "901", "-t", "902", "-tr", "nnUNetTrainerBudget", "-p", "nnUNetPlans_coarse", *BUDGET, "-device", "cpu",
+            "-o", str(nnunet_env / "out")]
+    assert run_main(argv) == 0
+    commands = [line.split("$ ", 1)[1] for line in capsys.readouterr().out.splitlines() if line.startswith("  $ ")]
+    programs = [next(word for word in command.split() if word.startswith("nnUNetv2_")) for command in commands]
+    assert programs[:2] == ["nnUNetv2_preprocess", "nnUNetv2_train"] and "nnUNetv2_plan_and_preprocess" not in programs
+    assert programs.count("nnUNetv2_predict") == 2  # the source's validation cases and the target
+    assert all(("-plans_name nnUNetPlans_coarse" if program == "nnUNetv2_preprocess" else "-p nnUNetPlans_coarse") in command
+               for program, command in zip(programs, commands) if program != "nnUNetv2_evaluate_folder")
+    model = nnunet_env / "nnUNet_results" / SOURCE / "nnUNetTrainerBudget__nnUNetPlans_coarse__2d"
+    assert (model / "fold_0" / "checkpoint_final.pth").is_file()
+    assert json.loads((model / "plans.json").read_text())["configurations"]["2d"]["spacing"] == [2.0, 2.0]
+    assert not (nnunet_env / "nnUNet_results" / SOURCE / "nnUNetTrainerBudget__nnUNetPlans__2d").exists()
+    assert "| Baseline |" in (nnunet_env / "out" / "table.md").read_text()
 
 
 def test_failing_step_names_step_command_and_log(nnunet_env, monkeypatch, capsys):

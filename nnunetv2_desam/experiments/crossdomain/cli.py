@@ -10,7 +10,8 @@ from typing import Mapping, Sequence
 
 from nnunetv2_desam.console import run_console_command
 from nnunetv2_desam.environment_variables import BUDGET_VARIABLES, SAM_CHECKPOINT_VARIABLE, positive_int_argument
-from nnunetv2_desam.experiments.crossdomain.experiment import CHECKPOINT, PROTOCOLS, Experiment, build_experiment
+from nnunetv2_desam.experiments.crossdomain.experiment import (CHECKPOINT, DEFAULT_PLANS, PROTOCOLS, Experiment,
+                                                               build_experiment)
 from nnunetv2_desam.experiments.crossdomain.methods import (ABLATION_ROWS, BASELINE, BUDGET_BASELINE, DEFAULT_ROWS,
                                                             METHODS, TABLE_ROWS, honours_budget)
 from nnunetv2_desam.experiments.crossdomain.steps import plan_steps, run_steps
@@ -101,6 +102,11 @@ Datasets are given by id (901) or name (Dataset901_SiteA).""",
                         help="output folder (default: ./crossdomain_<source dataset name>)")
     parser.add_argument("-device", "--device", choices=("cuda", "cpu", "mps"),
                         help="device for training and prediction (default: cuda when available, else cpu)")
+    parser.add_argument("-p", "--plans", default=DEFAULT_PLANS, metavar="PLANS",
+                        help=f"nnU-Net plans identifier for training and prediction (default {DEFAULT_PLANS}, which the "
+                             "command plans itself). Other plans must already exist for every dataset trained on, e.g. "
+                             "from nnUNetv2_plan_experiment -overwrite_plans_name PLANS -overwrite_target_spacing ...; "
+                             "the command then preprocesses with nnUNetv2_preprocess -plans_name PLANS")
     parser.add_argument("--split-seed", type=seed_argument, default=DEFAULT_SEED,
                         help=f"seed of the 9:1 source split (default {DEFAULT_SEED}, nnU-Net's)")
     parser.add_argument("--overwrite-split", action="store_true",

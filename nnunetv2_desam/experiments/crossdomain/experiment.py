@@ -35,7 +35,7 @@ from nnunetv2_desam.trainer_search_path import environment_with_trainers
 
 CONFIGURATION = "2d"
 FOLD = 0
-PLANS = "nnUNetPlans"
+DEFAULT_PLANS = "nnUNetPlans"  # what nnUNetv2_plan_and_preprocess writes
 CHECKPOINT = "checkpoint_best.pth"
 PROTOCOLS = {"whole-volume": report.PROTOCOL_WHOLE_VOLUME, "foreground-slices": report.PROTOCOL_FOREGROUND_SLICES}
 SCORE_FILES = {"whole-volume": "summary.json", "foreground-slices": "foreground_slices.json"}
@@ -85,6 +85,7 @@ class Experiment:
     budget: dict[str, int]
     output: Path
     device: str
+    plans: str
     split_seed: int
     overwrite_split: bool
     seed: int
@@ -178,10 +179,11 @@ def build_experiment(args: argparse.Namespace, environment: Mapping[str, str], n
         baseline = METHODS["baseline"].trainer_for(bool(budget))
         classes = {trainer: trainer_class(trainer) for trainer in [*trainers, baseline]}
         models = [(source, trainer) for trainer in trainers] + [(target, baseline) for target in targets if upper_bound]
-        model_folders = {(dataset.name, trainer): Path(get_output_folder(dataset.name, trainer, PLANS, CONFIGURATION, FOLD))
+        model_folders = {(dataset.name, trainer): Path(get_output_folder(dataset.name, trainer, args.plans, CONFIGURATION, FOLD))
                          for dataset, trainer in models}
     check_targets(source, targets)
     check_splittable([source, *(targets if upper_bound else [])], args.split_seed)
+    check_custom_plans(args.plans, [source, *(targets if upper_bound else [])], Path(environment["nnUNet_preprocessed"]))
     if not trainers:
         raise ExperimentError("no trainer to run: name methods (--methods) or trainers (-tr)")
     if args.grid_sizes and DESAM_P not in trainers:
@@ -194,7 +196,7 @@ def build_experiment(args: argparse.Namespace, environment: Mapping[str, str], n
         main_grid_size=main_grid_size(environment),
         grid_aggregation=grid_aggregation_from_environment(DeSAMSettings.grid_aggregation, environment), budget=budget,
         output=(args.output or Path(f"crossdomain_{source.name}")).resolve(),
-        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), split_seed=args.split_seed,
+        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), plans=args.plans, split_seed=args.split_seed,
         overwrite_split=args.overwrite_split, seed=args.seed, n_boot=args.n_boot, environment=environment,
         model_folders=model_folders, trainer_classes=classes, method_names=display_names(trainers, paper_name),
         domain_names=display_names([source.name, *(target.name for target in targets)],
@@ -204,6 +206,21 @@ def build_experiment(args: argparse.Namespace, environment: Mapping[str, str], n
     check_finished_budgets(experiment, classes)
     check_existing_splits(experiment)
     return experiment
+
+
+def check_custom_plans(plans: str, trained: Sequence[Dataset], preprocessed: Path) -> None:
+    """Plans other than nnU-Net's default are the user's (nnUNetv2_plan_experiment -overwrite_plans_name): they must
+    exist for every dataset that is trained on; the command preprocesses with them but does not plan them."""
+    if plans == DEFAULT_PLANS:
+        return
+    for dataset in trained:
+        path = preprocessed / dataset.name / f"{plans}.json"
+        if not path.is_file():
+            raise ExperimentError(
+                f"plans {plans} not found: {path} is missing. Plan them first, e.g. nnUNetv2_plan_and_preprocess -d "
+                f"{dataset.dataset_id} -c {CONFIGURATION}, then nnUNetv2_plan_experiment -d {dataset.dataset_id} "
+                f"-overwrite_plans_name {plans} with the settings you want (-overwrite_target_spacing, -gpu_memory_target, ...)"
+            )
 
 
 def resolve_rows(args: argparse.Namespace, budget: bool) -> tuple[list[str], bool, list[str]]:

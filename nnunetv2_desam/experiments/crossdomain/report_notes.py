@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from nnunetv2_desam.environment_variables import GRID_AGGREGATION_VARIABLE, GRID_SIZE_VARIABLE
 from nnunetv2_desam.experiments import report
-from nnunetv2_desam.experiments.crossdomain.experiment import CHECKPOINT, FOLD, Experiment, training_record
+from nnunetv2_desam.experiments.crossdomain.experiment import CHECKPOINT, CONFIGURATION, FOLD, Experiment, training_record
 from nnunetv2_desam.experiments.crossdomain.methods import BUDGET_BASELINE, UPPER_BOUND
 from nnunetv2_desam.experiments.crossdomain.predictions import collect_results, table_predictions
 from nnunetv2_desam.experiments.splits import compute_source_split
@@ -32,7 +32,8 @@ def report_notes(experiment: Experiment) -> list[str]:
             f"{experiment.method_names[trainer]} = {trainer} ({trained(experiment.source, trainer)})"
             for trainer in experiment.trainers) + ".",
         f"Model: fold {FOLD}, {CHECKPOINT}, which nnU-Net keeps as the best EMA pseudo-Dice on the in-domain "
-        f"validation split (the paper's 'best model on the in-domain validation set').",
+        f"validation split (the paper's 'best model on the in-domain validation set'); plans {experiment.plans}, "
+        f"configuration {CONFIGURATION}.",
     ]
     if experiment.skipped:
         notes.append(f"Rows of the paper's tables not run (trainer not installed): {'; '.join(experiment.skipped)}.")

@@ -18,7 +18,7 @@ from typing import Callable, Mapping, Sequence
 from nnunetv2_desam.environment_variables import GRID_SIZE_VARIABLE
 from nnunetv2_desam.errors import ExperimentError
 from nnunetv2_desam.experiments.crossdomain.datasets import Dataset
-from nnunetv2_desam.experiments.crossdomain.experiment import (CHECKPOINT, CONFIGURATION, FOLD, PLANS, Experiment,
+from nnunetv2_desam.experiments.crossdomain.experiment import (CHECKPOINT, CONFIGURATION, DEFAULT_PLANS, FOLD, Experiment,
                                                                Prediction, other_split_message)
 from nnunetv2_desam.experiments.crossdomain.figures import write_figures
 from nnunetv2_desam.experiments.crossdomain.predictions import extra_grid_predictions, table_predictions
@@ -76,28 +76,33 @@ def run_command(experiment: Experiment, title: str, log_name: str, command: list
 
 
 def preparation_steps(experiment: Experiment, dataset: Dataset) -> list[Step]:
-    """``nnUNetv2_plan_and_preprocess -c 2d`` and the 9:1 split of a dataset that is trained on."""
+    """``nnUNetv2_plan_and_preprocess -c 2d`` (``nnUNetv2_preprocess -plans_name`` for the user's own plans) and
+    the 9:1 split of a dataset that is trained on."""
     n = experiment.processes
-    command = ["nnUNetv2_plan_and_preprocess", "-d", str(dataset.dataset_id), "-c", CONFIGURATION,
-               "-np", n, "-npfp", n]
+    if experiment.plans == DEFAULT_PLANS:
+        command = ["nnUNetv2_plan_and_preprocess", "-d", str(dataset.dataset_id), "-c", CONFIGURATION,
+                   "-np", n, "-npfp", n]
+    else:
+        command = ["nnUNetv2_preprocess", "-d", str(dataset.dataset_id), "-plans_name", experiment.plans,
+                   "-c", CONFIGURATION, "-np", n]
     # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA), which fails for 0, a value
     # training accepts (augmentation in the main process).
     planner_environment = {"nnUNet_n_proc_DA": "1"} if experiment.environment.get("nnUNet_n_proc_DA") == "0" else {}
     title = f"preprocess {dataset.name} ({CONFIGURATION})"
     return [
         Step(title, lambda: run_command(experiment, title, f"preprocess_{dataset.name}", command, planner_environment),
-             lambda: is_preprocessed(experiment.preprocessed / dataset.name, dataset)),
+             lambda: is_preprocessed(experiment.preprocessed / dataset.name / f"{experiment.plans}.json", dataset)),
         Step(f"write the 9:1 split of {dataset.name} (seed {experiment.split_seed})",
              lambda: write_split(experiment, dataset),
              lambda: holds_source_split(experiment.split_file(dataset), dataset.cases, experiment.split_seed)),
     ]
 
 
-def is_preprocessed(folder: Path, dataset: Dataset) -> bool:
-    """nnU-Net's 2d plans exist and the preprocessed data holds every case (its .pkl is written last)."""
+def is_preprocessed(plans_file: Path, dataset: Dataset) -> bool:
+    """The 2d plans exist and the preprocessed data holds every case (its .pkl is written last)."""
     try:
-        plans = json.loads((folder / f"{PLANS}.json").read_text())
-        data = folder / plans["configurations"][CONFIGURATION]["data_identifier"]
+        plans = json.loads(plans_file.read_text())
+        data = plans_file.parent / plans["configurations"][CONFIGURATION]["data_identifier"]
     except (OSError, ValueError, KeyError):
         return False
     return all((data / f"{case}.pkl").is_file() for case in dataset.cases)
@@ -119,7 +124,8 @@ def training_step(experiment: Experiment, dataset: Dataset, trainer: str) -> Ste
 
     def run() -> None:
         resume = any((folder / name).is_file() for name in ("checkpoint_latest.pth", "checkpoint_best.pth"))
-        command = ["nnUNetv2_train", dataset.name, CONFIGURATION, str(FOLD), "-tr", trainer, "-device", experiment.device]
+        command = ["nnUNetv2_train", dataset.name, CONFIGURATION, str(FOLD), "-tr", trainer, "-p", experiment.plans,
+                   "-device", experiment.device]
         if resume:
             print("  resuming the interrupted training (--c)")
         run_command(experiment, title, f"train_{trainer}_{dataset.name}", command + (["--c"] if resume else []))
@@ -159,7 +165,7 @@ def prediction_step(experiment: Experiment, prediction: Prediction) -> Step:
             copy_cases(prediction.target, experiment.cases(prediction), experiment.input_folder(prediction))
         processes = str(min(3, int(experiment.processes)))
         command = ["nnUNetv2_predict", "-i", str(experiment.input_folder(prediction)), "-o", str(folder),
-                   "-d", model.name, "-c", CONFIGURATION, "-tr", prediction.trainer, "-f", str(FOLD),
+                   "-d", model.name, "-c", CONFIGURATION, "-tr", prediction.trainer, "-p", experiment.plans, "-f", str(FOLD),
                    "-chk", CHECKPOINT, "-device", experiment.device, "-npp", processes, "-nps", processes]
         extra = {GRID_SIZE_VARIABLE: str(prediction.grid_size)} if prediction.grid_size else {}
         run_command(experiment, title, "predict_" + prediction.key.replace("/", "_"), command, extra)

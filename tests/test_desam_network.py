@@ -5,7 +5,6 @@ import torch
 from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
 
 from nnunetv2_desam.networks.desam import DeSAM, DeSAMSettings, prompt_passes
-from nnunetv2_desam.networks.grid_aggregation import weighted_probability_sums
 from nnunetv2_desam.networks.prompts import grid_points
 from nnunetv2_desam.networks.pdmm import PDMM
 from nnunetv2_desam.errors import SAMCheckpointError

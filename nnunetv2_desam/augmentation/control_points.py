@@ -7,7 +7,7 @@ control-point code): a few control points per axis, interpolated by a uniform B-
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
 import torch.nn.functional as F

@@ -104,9 +104,12 @@ def apply_training_overrides(trainer) -> None:
 
     The batch size is written into the configuration, where nnU-Net reads it when the trainer
     initialises (and records it in ``debug.json``); call this from the trainer's ``__init__``.
+    A shortened run keeps nnU-Net's 20 ``checkpoint_latest.pth`` per run (every 50 of 1000 epochs),
+    so that ``--c`` resumes an interrupted one where it stopped rather than at its best epoch.
     """
     for attribute, value in budget_from_environment().items():
         setattr(trainer, attribute, value)
+    trainer.save_every = min(trainer.save_every, max(1, trainer.num_epochs // 20))
     batch_size = positive_int_from_environment(BATCH_SIZE_VARIABLE)
     if batch_size is not None:
         trainer.configuration_manager.configuration["batch_size"] = batch_size

@@ -1,9 +1,16 @@
-"""Parsing of the DESAM_* variables that are not integers."""
+"""Parsing of the DESAM_* variables that are not integers, and what the budget variables do to a trainer."""
+
+import json
+import os
+from unittest import mock
 
 import pytest
+import torch
 
 from nnunetv2_desam.environment_variables import LEARNING_RATE_VARIABLE, learning_rate_from_environment
 from nnunetv2_desam.errors import ConfigurationError
+from nnunetv2_desam.trainers.nnUNetTrainerBudget import nnUNetTrainerBudget
+from tests.nnunet_workspace import SOURCE_NAME
 
 
 def test_learning_rate_defaults_to_the_given_one_and_reads_positive_numbers():
@@ -16,3 +23,19 @@ def test_learning_rate_defaults_to_the_given_one_and_reads_positive_numbers():
 def test_learning_rate_refuses_anything_but_a_positive_number(value):
     with pytest.raises(ConfigurationError, match=f"{LEARNING_RATE_VARIABLE} must be a positive number"):
         learning_rate_from_environment(1e-4, {LEARNING_RATE_VARIABLE: value})
+
+
+@pytest.mark.parametrize("epochs, save_every", [(None, 50), ("1000", 50), ("40", 2), ("6", 1)])
+def test_a_shortened_budget_saves_checkpoint_latest_as_often_per_run_as_nnunet(workspace, epochs, save_every):
+    """nnU-Net saves checkpoint_latest.pth every 50 of 1000 epochs; a 40-epoch run would never save one and ``--c``
+    would fall back to the best epoch."""
+    root, env = workspace
+    plans = {**json.loads((root / "preprocessed" / SOURCE_NAME / "nnUNetPlans.json").read_text()), "continue_training": False}
+    dataset_json = json.loads((root / "raw" / SOURCE_NAME / "dataset.json").read_text())
+    variables = {k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    with mock.patch.dict(os.environ, variables):
+        os.environ.pop("DESAM_EPOCHS", None)
+        if epochs is not None:
+            os.environ["DESAM_EPOCHS"] = epochs
+        trainer = nnUNetTrainerBudget(plans, "2d", 0, dataset_json, device=torch.device("cpu"))
+    assert trainer.save_every == save_every

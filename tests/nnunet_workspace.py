@@ -1,5 +1,6 @@
 """A small synthetic nnU-Net workspace shared by the tests that drive nnU-Net (the fixture is in conftest.py)."""
 
+import json
 import os
 from pathlib import Path
 from unittest import mock
@@ -19,6 +20,13 @@ def nnunet_folders(root: Path) -> dict:
 def fold_folder(root: Path, trainer: str, dataset: str = SOURCE_NAME) -> Path:
     """Where ``nnUNetv2_train <dataset> 2d 0 -tr <trainer>`` writes fold 0 in a workspace made by :func:`make_workspace`."""
     return root / "results" / dataset / f"{trainer}__nnUNetPlans__2d" / "fold_0"
+
+
+def trainer_arguments(root: Path) -> tuple[dict, dict]:
+    """(plans, dataset.json) of the source in a workspace made by :func:`make_workspace`, as ``nnUNetv2_train`` passes
+    them to a trainer (with the ``continue_training`` key nnU-Net's trainer pops)."""
+    plans = {**json.loads((root / "preprocessed" / SOURCE_NAME / "nnUNetPlans.json").read_text()), "continue_training": False}
+    return plans, json.loads((root / "raw" / SOURCE_NAME / "dataset.json").read_text())
 
 
 def make_workspace(root: Path, sam_checkpoint: Path) -> dict:

@@ -1,6 +1,5 @@
 """Parsing of the DESAM_* variables that are not integers, and what the budget variables do to a trainer."""
 
-import json
 import os
 from unittest import mock
 
@@ -10,7 +9,7 @@ import torch
 from nnunetv2_desam.environment_variables import LEARNING_RATE_VARIABLE, learning_rate_from_environment
 from nnunetv2_desam.errors import ConfigurationError
 from nnunetv2_desam.trainers.nnUNetTrainerBudget import nnUNetTrainerBudget
-from tests.nnunet_workspace import SOURCE_NAME
+from tests.nnunet_workspace import trainer_arguments
 
 
 def test_learning_rate_defaults_to_the_given_one_and_reads_positive_numbers():
@@ -30,8 +29,7 @@ def test_a_shortened_budget_saves_checkpoint_latest_as_often_per_run_as_nnunet(w
     """nnU-Net saves checkpoint_latest.pth every 50 of 1000 epochs; a 40-epoch run would never save one and ``--c``
     would fall back to the best epoch."""
     root, env = workspace
-    plans = {**json.loads((root / "preprocessed" / SOURCE_NAME / "nnUNetPlans.json").read_text()), "continue_training": False}
-    dataset_json = json.loads((root / "raw" / SOURCE_NAME / "dataset.json").read_text())
+    plans, dataset_json = trainer_arguments(root)
     variables = {k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
     with mock.patch.dict(os.environ, variables):
         os.environ.pop("DESAM_EPOCHS", None)

@@ -23,7 +23,7 @@ from nnunetv2_desam.trainers.nnUNetTrainerDeSAM import nnUNetTrainerDeSAM
 from nnunetv2_desam.trainers.nnUNetTrainerMaxStyle import IMAGE_DECODER_KEY, nnUNetTrainerMaxStyle
 from nnunetv2_desam.trainers.nnUNetTrainerRandConv import nnUNetTrainerRandConv
 from tests.commands import run
-from tests.nnunet_workspace import SOURCE, SOURCE_NAME, TARGET_NAME, fold_folder, nnunet_folders
+from tests.nnunet_workspace import SOURCE, SOURCE_NAME, TARGET_NAME, fold_folder, nnunet_folders, trainer_arguments
 
 DESAM_TRAINERS = ["nnUNetTrainerDeSAM", "nnUNetTrainerDeSAM_Box", "nnUNetTrainerDeSAM_PDMMOnly", "nnUNetTrainerDeSAM_NoIoUHead", "nnUNetTrainerDeSAM_NoMEF"]
 DG_TRAINERS = ["nnUNetTrainerAdvBias", "nnUNetTrainerRandConv", "nnUNetTrainerMaxStyle", "nnUNetTrainerCSDG"]  # Table 2's methods
@@ -205,12 +205,9 @@ def test_maxstyle_checkpoint_holds_the_plain_network_and_the_decoder_apart(train
 def make_dg_trainer(root: Path, trainer_class, configuration: str):
     """A Table 2 trainer built directly from the workspace's plans, on the CPU; 3d_fullres reads the 2d data folder
     (``initialize`` only looks at its file endings)."""
-    plans = json.loads((root / "preprocessed" / SOURCE_NAME / "nnUNetPlans.json").read_text())
-    plans["continue_training"] = False
+    plans, dataset_json = trainer_arguments(root)
     plans["configurations"]["3d_fullres"]["data_identifier"] = plans["configurations"]["2d"]["data_identifier"]
-    dataset_json = json.loads((root / "raw" / SOURCE_NAME / "dataset.json").read_text())
-    folders = {f"nnUNet_{n}": str(root / n) for n in ("raw", "preprocessed", "results")}
-    with mock.patch.dict(os.environ, folders):
+    with mock.patch.dict(os.environ, nnunet_folders(root)):
         trainer = trainer_class(plans, configuration, 1, dataset_json, device=torch.device("cpu"))
         trainer.initialize()
     return trainer
@@ -255,9 +252,8 @@ def test_maxstyle_resumes_with_its_image_decoder(workspace, tmp_path):
 
 def make_trainer(root: Path, labels: dict, **extra):
     """nnUNetTrainerDeSAM built directly from the workspace's plans with other dataset labels."""
-    plans = json.loads((root / "preprocessed" / SOURCE_NAME / "nnUNetPlans.json").read_text())
-    plans["continue_training"] = False
-    dataset_json = {**json.loads((root / "raw" / SOURCE_NAME / "dataset.json").read_text()), "labels": labels, **extra}
+    plans, dataset_json = trainer_arguments(root)
+    dataset_json = {**dataset_json, "labels": labels, **extra}
     with mock.patch.dict(os.environ, nnunet_folders(root)):
         return nnUNetTrainerDeSAM(plans, "2d", 0, dataset_json, device=torch.device("cpu"))
 

@@ -9,7 +9,7 @@ import torch
 from nnunetv2_desam.environment_variables import LEARNING_RATE_VARIABLE, learning_rate_from_environment
 from nnunetv2_desam.errors import ConfigurationError
 from nnunetv2_desam.trainers.nnUNetTrainerBudget import nnUNetTrainerBudget
-from tests.nnunet_workspace import trainer_arguments
+from tests.nnunet_workspace import nnunet_folders, trainer_arguments
 
 
 def test_learning_rate_defaults_to_the_given_one_and_reads_positive_numbers():
@@ -28,10 +28,9 @@ def test_learning_rate_refuses_anything_but_a_positive_number(value):
 def test_a_shortened_budget_saves_checkpoint_latest_as_often_per_run_as_nnunet(workspace, epochs, save_every):
     """nnU-Net saves checkpoint_latest.pth every 50 of 1000 epochs; a 40-epoch run would never save one and ``--c``
     would fall back to the best epoch."""
-    root, env = workspace
+    root, _ = workspace
     plans, dataset_json = trainer_arguments(root)
-    variables = {k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
-    with mock.patch.dict(os.environ, variables):
+    with mock.patch.dict(os.environ, nnunet_folders(root)):
         os.environ.pop("DESAM_EPOCHS", None)
         if epochs is not None:
             os.environ["DESAM_EPOCHS"] = epochs

@@ -15,7 +15,7 @@ from nnunetv2_desam.networks.sam_checkpoint import load_sam_state_dict, sam_fing
 from nnunetv2_desam.trainers.nnUNetTrainerMedSAM import SAM_ARCHITECTURE_KEY, nnUNetTrainerMedSAM
 from nnunetv2_desam.trainers.nnUNetTrainerSAMed import nnUNetTrainerSAMed
 from tests.commands import run
-from tests.nnunet_workspace import SOURCE, SOURCE_NAME, TARGET_NAME, fold_folder, trainer_arguments
+from tests.nnunet_workspace import SOURCE, SOURCE_NAME, TARGET_NAME, fold_folder, nnunet_folders, trainer_arguments
 
 TRAINERS = {"nnUNetTrainerSAMed": nnUNetTrainerSAMed, "nnUNetTrainerMedSAM": nnUNetTrainerMedSAM}
 
@@ -118,8 +118,8 @@ def test_3d_and_a_missing_sam_file_are_refused_in_training(workspace, trainer, t
 def make_trainer(root: Path, env: dict, trainer: str):
     """The trainer as nnUNetv2_train builds it, initialised (network, optimizer, loss) from the workspace's plans."""
     plans, dataset_json = trainer_arguments(root)
-    variables = {k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "DESAM_SAM_CHECKPOINT")}
-    with mock.patch.dict(os.environ, {**variables, "nnUNet_compile": "f"}):
+    variables = {**nnunet_folders(root), "DESAM_SAM_CHECKPOINT": env["DESAM_SAM_CHECKPOINT"], "nnUNet_compile": "f"}
+    with mock.patch.dict(os.environ, variables):
         instance = TRAINERS[trainer](plans, "2d", 0, dataset_json, device=torch.device("cpu"))
         instance.initialize()
     return instance

@@ -32,14 +32,16 @@ def training_step(network, loss_function, settings, generator, device="cpu") -> 
     target = torch.randint(0, 3, (2, 1, 64, 64), generator=generator)
     x = torch.randn(2, 1, 64, 64, generator=generator).to(device)
     if settings.prompt_mode == "points" and settings.use_prim:
-        points, iou_target = sample_training_points(target, 2, generator)
-        outputs, iou = network(x, points=points.to(device))
+        prompts = sample_training_points(target, 2, generator)
+        outputs, iou = network(x, points=prompts.points.to(device))
     else:
         outputs, iou = network(x), None
     target = target.to(device)
     loss = loss_function(outputs, [target, target[:, :, ::2, ::2]])
     if iou is not None:
-        loss = loss + 10 * torch.nn.functional.mse_loss(iou[:, 0].float(), iou_target.to(device))
+        squared_error = (iou[:, 0].float() - prompts.iou_target.to(device)) ** 2
+        supervised = prompts.supervised.to(device)
+        loss = loss + 10 * ((supervised * squared_error).sum(0) / supervised.sum(0).clamp_min(1.0)).sum()
     return loss
 
 
@@ -69,7 +71,7 @@ def _ddp_worker(rank, world_size, port, environment, results):
             results[(trainer_name, rank)] = _train_steps(trainer_name)
         fresh = [rank_trainer("nnUNetTrainerDeSAM") for _ in range(2)]
         target = (torch.arange(8 * 32 * 32) % 3).view(8, 1, 32, 32)
-        results[("prompts", rank)] = [sample_training_points(target, 2, t.prompt_generator)[0] for t in fresh]
+        results[("prompts", rank)] = [sample_training_points(target, 2, t.prompt_generator).points for t in fresh]
     finally:
         dist.destroy_process_group()
 

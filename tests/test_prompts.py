@@ -12,34 +12,68 @@ def label_batch() -> torch.Tensor:
     return target
 
 
+def hit_labels(points: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    columns, rows = points[:, 0, 0].floor().long(), points[:, 0, 1].floor().long()
+    return target[torch.arange(len(target)), 0, rows, columns].long()
+
+
 def test_sampling_is_deterministic_under_a_seed():
     first = sample_training_points(label_batch(), 2, torch.Generator().manual_seed(7))
     second = sample_training_points(label_batch(), 2, torch.Generator().manual_seed(7))
     other = sample_training_points(label_batch(), 2, torch.Generator().manual_seed(8))
-    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
-    assert not torch.equal(first[0], other[0])
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert not torch.equal(first.points, other.points)
 
 
-def test_points_land_inside_or_outside_the_foreground_one_to_one_with_matching_iou_targets():
-    target = label_batch().repeat(8, 1, 1, 1)  # 512 samples
-    points, iou_target = sample_training_points(target, 2, torch.Generator().manual_seed(0))
-    assert points.shape == (512, 1, 2) and iou_target.shape == (512, 2)
-    columns, rows = points[:, 0, 0].floor().long(), points[:, 0, 1].floor().long()
-    hit = target[torch.arange(512), 0, rows, columns].long()
-    assert torch.equal(iou_target, torch.stack([hit == 1, hit == 2], dim=1).float())
-    inside = (hit > 0).float().mean().item()
-    assert 0.4 < inside < 0.6
-    assert torch.allclose(points - points.floor(), torch.full_like(points, 0.5))  # pixel centres
+def test_binary_points_land_inside_or_outside_the_foreground_one_to_one_as_the_authors_draw_them():
+    target = (label_batch() > 0).to(torch.int16).repeat(8, 1, 1, 1)  # 512 samples, one foreground class
+    prompts = sample_training_points(target, 1, torch.Generator().manual_seed(0))
+    assert prompts.points.shape == (512, 1, 2) and prompts.iou_target.shape == prompts.supervised.shape == (512, 1)
+    hit = hit_labels(prompts.points, target)
+    assert torch.equal(prompts.iou_target[:, 0], (hit == 1).float())
+    assert torch.all(prompts.supervised == 1)
+    assert 0.4 < (hit == 1).float().mean().item() < 0.6
+    assert torch.allclose(prompts.points - prompts.points.floor(), torch.full_like(prompts.points, 0.5))  # pixel centres
+
+
+def test_every_class_output_gets_balanced_targets_whatever_its_size():
+    """Four classes of very different sizes (1 px to half the patch): each output's supervised targets are ~1:1
+    and each output is supervised in ~a quarter of the samples."""
+    target = torch.zeros(4000, 1, 20, 30, dtype=torch.int16)
+    target[:, :, :10, :] = 1  # 300 px
+    target[:, :, 12:16, 2:12] = 2  # 40 px
+    target[:, :, 12:14, 20:22] = 3  # 4 px
+    target[:, :, 18, 29] = 4  # 1 px
+    prompts = sample_training_points(target, 4, torch.Generator().manual_seed(0))
+    hit = hit_labels(prompts.points, target)
+    assert torch.all(prompts.supervised.sum(1) == 1)
+    assert torch.equal(prompts.iou_target, (hit[:, None] == torch.arange(1, 5)[None]).float())
+    for k in range(4):
+        chosen = prompts.supervised[:, k] == 1
+        assert 0.2 < chosen.float().mean().item() < 0.3
+        assert 0.45 < prompts.iou_target[chosen, k].mean().item() < 0.55
+
+
+def test_only_classes_present_in_the_patch_are_chosen_and_empty_patches_give_negatives():
+    target = torch.zeros(400, 1, 10, 10, dtype=torch.int16)
+    target[:200, :, 2:5, 2:5] = 2  # only class 2 present
+    prompts = sample_training_points(target, 3, torch.Generator().manual_seed(0))
+    assert torch.all(prompts.supervised[:200, 1] == 1)
+    assert 0.4 < prompts.iou_target[:200, 1].mean().item() < 0.6
+    assert not prompts.iou_target[200:].any()  # no foreground: every point is outside, a negative
+    negatives_per_class = prompts.supervised[200:].sum(0)
+    assert torch.all(negatives_per_class > 40)  # ... for a class chosen uniformly among all
 
 
 def test_ignore_label_is_never_chosen_and_empty_sets_fall_back():
     target = torch.full((32, 1, 6, 6), 3, dtype=torch.int16)  # 3 = ignore
     target[:16, :, 0, 0] = 1  # foreground only, no background
     target[16:, :, 5, 5] = 0  # background only, no foreground
-    points, iou_target = sample_training_points(target, 2, torch.Generator().manual_seed(0), ignore_label=3)
-    assert torch.equal(points[:16, 0], torch.tensor([0.5, 0.5]).expand(16, 2))
-    assert torch.equal(points[16:, 0], torch.tensor([5.5, 5.5]).expand(16, 2))
-    assert torch.equal(iou_target[:16], torch.tensor([1.0, 0.0]).expand(16, 2)) and not iou_target[16:].any()
+    prompts = sample_training_points(target, 2, torch.Generator().manual_seed(0), ignore_label=3)
+    assert torch.equal(prompts.points[:16, 0], torch.tensor([0.5, 0.5]).expand(16, 2))
+    assert torch.equal(prompts.points[16:, 0], torch.tensor([5.5, 5.5]).expand(16, 2))
+    assert torch.equal(prompts.iou_target[:16], torch.tensor([1.0, 0.0]).expand(16, 2)) and not prompts.iou_target[16:].any()
+    assert torch.all(prompts.supervised[:16, 0] == 1)  # class 1 is the only one present
 
 
 def test_grid_points_sit_at_the_centres_of_an_n_by_n_tiling():

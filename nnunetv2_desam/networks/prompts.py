@@ -3,7 +3,7 @@
 Coordinates are (x, y) = (column, row) in pixels of the image they refer to, as in SAM.
 """
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from segment_anything.utils.amg import build_point_grid
@@ -16,13 +16,33 @@ def grid_points(points_per_side: int, image_size: Tuple[int, int]) -> torch.Tens
     return torch.from_numpy(build_point_grid(points_per_side) * [width, height]).float()
 
 
+class TrainingPrompts(NamedTuple):
+    """One point prompt per sample and what it teaches the IoU head.
+
+    points: B×1×2 (x, y) at pixel centres; iou_target: B×(K-1), 1.0 where the point lies in that
+    class; supervised: B×(K-1), 1.0 for the one IoU output each point trains (the chosen class).
+    """
+
+    points: torch.Tensor
+    iou_target: torch.Tensor
+    supervised: torch.Tensor
+
+
 def sample_training_points(
     target: torch.Tensor,
     num_foreground_classes: int,
     generator: torch.Generator,
     ignore_label: Optional[int] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One point per sample, inside the foreground or outside it with equal probability.
+) -> TrainingPrompts:
+    """One point per sample that gives every class's IoU output balanced targets.
+
+    Per sample, a class c is chosen uniformly among the foreground classes present in the patch
+    (among all of them when none is), then a point inside c or outside it with equal probability;
+    the point trains class c's IoU output only, towards 1 inside and 0 outside. So each output sees
+    as many positives as negatives wherever its class is present, whatever its size and however
+    many classes the task has. A patch without foreground gives an outside point: a negative for a
+    random class (the IoU head must also learn that background-only slices hold no organ). With one
+    foreground class this is the authors' recipe: inside or outside the foreground, 1:1.
 
     DeSAM's grid-points training: the mask target stays the whole ground truth wherever the point
     lands; only the IoU head learns whether the point hits an object.
@@ -32,23 +52,23 @@ def sample_training_points(
         num_foreground_classes: K-1, the number of IoU outputs.
         generator: a CPU ``torch.Generator``; the draw is a function of its state.
         ignore_label: voxels with this label are never chosen.
-    Returns:
-        points B×1×2 (x, y) at pixel centres, float32; IoU targets B×(K-1), 1.0 where the point
-        lies in that class, else 0.0.
     """
     labels = target.reshape(target.shape[0], -1).long()
     height, width = target.shape[-2:]
     valid = labels != ignore_label if ignore_label is not None else torch.ones_like(labels, dtype=torch.bool)
-    foreground = (labels > 0) & valid
-    background = (labels == 0) & valid
-    want_foreground = torch.rand(labels.shape[0], generator=generator) < 0.5
-    pool = torch.where(want_foreground[:, None], foreground, background)
-    fallback = torch.where(want_foreground[:, None], background, foreground)
+    classes = torch.arange(1, num_foreground_classes + 1)
+    present = ((labels[:, None, :] == classes[None, :, None]) & valid[:, None, :]).any(dim=2)  # B×(K-1)
+    present = torch.where(present.any(dim=1, keepdim=True), present, torch.ones_like(present))
+    chosen = torch.multinomial(present.float(), 1, generator=generator)  # B×1, index into classes
+    in_class = (labels == chosen + 1) & valid
+    want_inside = torch.rand(labels.shape[0], generator=generator) < 0.5
+    pool = torch.where(want_inside[:, None], in_class, ~in_class & valid)
+    fallback = torch.where(want_inside[:, None], ~in_class & valid, in_class)
     pool = torch.where(pool.any(dim=1, keepdim=True), pool, fallback)
     pool = torch.where(pool.any(dim=1, keepdim=True), pool, torch.ones_like(pool))
     index = torch.multinomial(pool.float(), 1, generator=generator).squeeze(1)
     rows, cols = index // width, index % width
     points = torch.stack([cols, rows], dim=-1).float()[:, None, :] + 0.5
     hit = labels.gather(1, index[:, None])
-    classes = torch.arange(1, num_foreground_classes + 1)
-    return points, (hit == classes[None]).float()
+    supervised = torch.zeros(labels.shape[0], num_foreground_classes).scatter_(1, chosen, 1.0)
+    return TrainingPrompts(points, (hit == classes[None]).float(), supervised)

@@ -23,7 +23,7 @@ from nnunetv2_desam.environment_variables import (
 )
 from nnunetv2_desam.errors import ConfigurationError
 from nnunetv2_desam.networks.desam import DeSAM, DeSAMSettings
-from nnunetv2_desam.networks.prompts import sample_training_points
+from nnunetv2_desam.networks.prompts import TrainingPrompts, sample_training_points
 from nnunetv2_desam.networks.sam_input import intensity_windows_from_plans
 from nnunetv2_desam.training_step import autocast_on_cuda, backward_and_step
 
@@ -104,19 +104,30 @@ class nnUNetTrainerDeSAM(nnUNetTrainer):
     def train_step(self, batch: dict) -> dict:
         target = batch["target"]
         full_target = target[0] if isinstance(target, list) else target
-        points, iou_target = sample_training_points(
+        prompts = sample_training_points(
             full_target, self.label_manager.num_segmentation_heads - 1, self.prompt_generator, self.label_manager.ignore_label
         )
         data = batch["data"].to(self.device, non_blocking=True)
         target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) else target.to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
         with autocast_on_cuda(self.device):
-            output, iou = self.network(data, points=points.to(self.device))
+            output, iou = self.network(data, points=prompts.points.to(self.device))
             loss = self.loss(output, target)
             if iou is not None:
-                loss = loss + self.iou_loss_weight * F.mse_loss(iou[:, 0].float(), iou_target.to(self.device))
+                loss = loss + self.iou_loss_weight * self.iou_loss(iou[:, 0], prompts)
         backward_and_step(loss, self.optimizer, self.grad_scaler, self.network.parameters())
         return {"loss": loss.detach().cpu().numpy()}
+
+    def iou_loss(self, iou: torch.Tensor, prompts: TrainingPrompts) -> torch.Tensor:
+        """Σ_k MSE_k: each class's IoU output regressed on the samples that supervise it (iou B×(K-1)).
+
+        Summed, not averaged, over the K-1 outputs, so that ``iou_loss_weight`` is the paper's 10 per
+        class however many classes there are (binary: the paper's 10·MSE exactly). A class no sample
+        of the batch supervises adds nothing.
+        """
+        supervised = prompts.supervised.to(iou.device)
+        squared_error = (iou.float() - prompts.iou_target.to(iou.device)) ** 2
+        return ((supervised * squared_error).sum(0) / supervised.sum(0).clamp_min(1.0)).sum()
 
     def save_checkpoint(self, filename: str) -> None:
         """As nnU-Net's, but checkpoint_final.pth drops Adam's moments (2× the weights): a slim, deployable file.

@@ -44,8 +44,7 @@ DISCLAIMER = (
     "a tiny ViT with untrained random weights (not Meta's SAM), whose features carry none of the robustness DeSAM "
     "relies on; every model trains for 300 iterations (the DeSAM trainers at learning rate 3e-3, 30 times the "
     "paper's), and the data are a handful of synthetic 6×64×64 volumes. The demo shows that the workflow runs end "
-    "to end and that every method learns the source domain (DeSAM-P's IoU head is still learning at this budget: "
-    "its 0.5 gate may pass the prompts of one organ only, so the other scores 0). For real results run "
+    "to end and that every method learns the source domain. For real results run "
     "nnUNetv2_desam_crossdomain with an official SAM checkpoint on real data."
 )
 FIGURE_NOTE = ("DEMO ONLY, untrained encoder: a tiny random SAM, 300 iterations, synthetic data. "

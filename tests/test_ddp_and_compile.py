@@ -18,7 +18,7 @@ from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
 from nnunetv2_desam.networks.desam import DeSAM, DeSAMSettings
-from nnunetv2_desam.networks.prompts import sample_training_points
+from nnunetv2_desam.networks.prompts import iou_loss_per_class, sample_training_points
 from tests.nnunet_workspace import SOURCE
 
 def segmentation_loss():
@@ -39,9 +39,7 @@ def training_step(network, loss_function, settings, generator, device="cpu") -> 
     target = target.to(device)
     loss = loss_function(outputs, [target, target[:, :, ::2, ::2]])
     if iou is not None:
-        squared_error = (iou[:, 0].float() - prompts.iou_target.to(device)) ** 2
-        supervised = prompts.supervised.to(device)
-        loss = loss + 10 * ((supervised * squared_error).sum(0) / supervised.sum(0).clamp_min(1.0)).sum()
+        loss = loss + 10 * iou_loss_per_class(iou[:, 0], prompts)
     return loss
 
 

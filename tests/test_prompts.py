@@ -2,7 +2,9 @@
 
 import torch
 
-from nnunetv2_desam.networks.prompts import grid_points, sample_training_points
+import pytest
+
+from nnunetv2_desam.networks.prompts import TrainingPrompts, grid_points, iou_loss_per_class, sample_training_points
 
 
 def label_batch() -> torch.Tensor:
@@ -74,6 +76,16 @@ def test_ignore_label_is_never_chosen_and_empty_sets_fall_back():
     assert torch.equal(prompts.points[16:, 0], torch.tensor([5.5, 5.5]).expand(16, 2))
     assert torch.equal(prompts.iou_target[:16], torch.tensor([1.0, 0.0]).expand(16, 2)) and not prompts.iou_target[16:].any()
     assert torch.all(prompts.supervised[:16, 0] == 1)  # class 1 is the only one present
+
+
+def test_the_iou_loss_is_each_class_mse_over_its_supervised_samples_summed_over_classes():
+    """Class 1: samples 0 and 2, ((0.2 − 1)² + 0.4²) / 2 = 0.4; class 2: sample 1, 0.1² = 0.01; unsupervised outputs ignored."""
+    iou = torch.tensor([[0.2, 0.9], [0.7, 0.1], [0.4, 0.6]])
+    prompts = TrainingPrompts(points=torch.zeros(3, 1, 2), iou_target=torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 1.0]]),
+                              supervised=torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]))
+    assert iou_loss_per_class(iou, prompts).item() == pytest.approx(0.41)
+    one_class = TrainingPrompts(prompts.points, prompts.iou_target, torch.tensor([[1.0, 0.0]] * 3))
+    assert iou_loss_per_class(iou, one_class).item() == pytest.approx((0.64 + 0.49 + 0.16) / 3)  # class 2 adds nothing
 
 
 def test_grid_points_sit_at_the_centres_of_an_n_by_n_tiling():

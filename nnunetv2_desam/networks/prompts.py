@@ -72,3 +72,15 @@ def sample_training_points(
     hit = labels.gather(1, index[:, None])
     supervised = torch.zeros(labels.shape[0], num_foreground_classes).scatter_(1, chosen, 1.0)
     return TrainingPrompts(points, (hit == classes[None]).float(), supervised)
+
+
+def iou_loss_per_class(iou: torch.Tensor, prompts: TrainingPrompts) -> torch.Tensor:
+    """Σ_k MSE_k: each class's IoU output (iou B×(K-1)) regressed on the samples whose point supervises it.
+
+    Summed, not averaged, over the K-1 outputs, so that a weight of 10 is the paper's 10·MSE per class
+    however many classes there are (binary: the paper's loss exactly). A class that no sample of the
+    batch supervises adds nothing.
+    """
+    supervised = prompts.supervised.to(iou.device)
+    squared_error = (iou.float() - prompts.iou_target.to(iou.device)) ** 2
+    return ((supervised * squared_error).sum(0) / supervised.sum(0).clamp_min(1.0)).sum()

@@ -8,7 +8,6 @@ import os
 import zlib
 
 import torch
-import torch.nn.functional as F
 
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -23,7 +22,7 @@ from nnunetv2_desam.environment_variables import (
 )
 from nnunetv2_desam.errors import ConfigurationError
 from nnunetv2_desam.networks.desam import DeSAM, DeSAMSettings
-from nnunetv2_desam.networks.prompts import TrainingPrompts, sample_training_points
+from nnunetv2_desam.networks.prompts import iou_loss_per_class, sample_training_points
 from nnunetv2_desam.networks.sam_input import intensity_windows_from_plans
 from nnunetv2_desam.training_step import autocast_on_cuda, backward_and_step
 
@@ -114,20 +113,9 @@ class nnUNetTrainerDeSAM(nnUNetTrainer):
             output, iou = self.network(data, points=prompts.points.to(self.device))
             loss = self.loss(output, target)
             if iou is not None:
-                loss = loss + self.iou_loss_weight * self.iou_loss(iou[:, 0], prompts)
+                loss = loss + self.iou_loss_weight * iou_loss_per_class(iou[:, 0], prompts)
         backward_and_step(loss, self.optimizer, self.grad_scaler, self.network.parameters())
         return {"loss": loss.detach().cpu().numpy()}
-
-    def iou_loss(self, iou: torch.Tensor, prompts: TrainingPrompts) -> torch.Tensor:
-        """Σ_k MSE_k: each class's IoU output regressed on the samples that supervise it (iou B×(K-1)).
-
-        Summed, not averaged, over the K-1 outputs, so that ``iou_loss_weight`` is the paper's 10 per
-        class however many classes there are (binary: the paper's 10·MSE exactly). A class no sample
-        of the batch supervises adds nothing.
-        """
-        supervised = prompts.supervised.to(iou.device)
-        squared_error = (iou.float() - prompts.iou_target.to(iou.device)) ** 2
-        return ((supervised * squared_error).sum(0) / supervised.sum(0).clamp_min(1.0)).sum()
 
     def save_checkpoint(self, filename: str) -> None:
         """As nnU-Net's, but checkpoint_final.pth drops Adam's moments (2× the weights): a slim, deployable file.

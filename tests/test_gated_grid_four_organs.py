@@ -7,8 +7,8 @@ nnU-Net's own data loader; then ``nnUNetv2_train`` → ``nnUNetv2_predict`` with
 and, on the same checkpoint, with ``DESAM_GRID_AGGREGATION=mean`` (which never gates a class away)
 → ``nnUNetv2_evaluate_folder``. The gate is right when it keeps every organ the network segments:
 each organ's gated Dice within ``GATE_TOLERANCE`` of the mean rule's, and the mean rule's above
-``LEARNT`` (so that the comparison is not between two empty outputs). Bars from measurement: see
-documentation (DeSAM-P on several classes).
+``LEARNT`` (so that the comparison is not between two empty outputs). Bars from measurement:
+documentation/multiclass_training_prompts.md.
 """
 
 import json

@@ -8,7 +8,7 @@ how grid prompts are combined), through one explicit point prompt per slice (pro
 the mask should not depend on where the point is), and by how its IoU head ranks points inside
 each organ above points outside (ROC AUC).
 
-The bars were set from measurement (README, Measured figures, "Training learns"); the trainers train
+The bars were set from measurement (documentation/measured_figures.md, "Training learns"); the trainers train
 at 30 times the paper's learning rate (``DESAM_LEARNING_RATE``) so that a test-sized budget suffices.
 """
 

@@ -331,13 +331,29 @@ def test_demo_refuses_a_folder_that_is_not_a_demo(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["thesis.tex"]
 
 
-def test_demo_environment_ignores_the_callers_settings(tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_demo_refuses_an_output_it_cannot_use_in_one_line(tmp_path, capsys, where):
+    (tmp_path / "notes.txt").write_text("mine")
+    output = tmp_path / "notes.txt" if where == "a file" else tmp_path / "notes.txt" / "demo"
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["-o", str(output)])
+    error = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(error.splitlines()) == 1 and error.startswith(f"{demo.PROG}: error: ")
+    assert str(output) in error and "choose another -o" in error
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_demo_environment_ignores_the_callers_settings_and_says_so(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("nnUNet_results", "/somebody/elses/results")
     monkeypatch.setenv("DESAM_EPOCHS", "1000")
+    monkeypatch.setenv("DESAM_GRID_SIZE", "abc")
     environment = demo.demo_environment(tmp_path, tmp_path / demo.SAM_FILE)
     assert environment["nnUNet_results"] == str(tmp_path / "nnUNet_results")
     assert environment["DESAM_SAM_CHECKPOINT"] == str(tmp_path / demo.SAM_FILE)
-    assert "DESAM_EPOCHS" not in environment
+    assert "DESAM_EPOCHS" not in environment and "DESAM_GRID_SIZE" not in environment
+    demo.report_ignored_settings()
+    notice = capsys.readouterr().out
+    assert "DESAM_EPOCHS, DESAM_GRID_SIZE" in notice and "nnUNet_results" in notice and "its own settings" in notice
 
 
 SMALL_DEMO = demo.DemoSettings(shape=(4, 48, 48), budget={"epochs": 1, "iterations-per-epoch": 2, "val-iterations": 1},
@@ -349,7 +365,8 @@ def test_demo_end_to_end_then_upper_bound_and_resume(tmp_path, monkeypatch, caps
     tiny SAM, baseline, DeSAM-B and DeSAM-P trained and applied with the real nnU-Net commands, the report and both
     figures. Then the cross-domain command in the demo's folders: --upper-bound refuses a target split left by
     another run until --overwrite-split, then runs only the upper bound's steps; the paper's protocol only
-    rescores; rerunning the demo redoes nothing and removes the nnU-Net folders."""
+    rescores; rerunning the demo redoes nothing and removes the nnU-Net folders; once they are gone, a rerun says the
+    demo has finished instead of training again."""
     folder = tmp_path / "demo"
     demo.run_demo(["-o", str(folder), "--cases", "5", "--keep"], SMALL_DEMO)
     first = capsys.readouterr().out
@@ -398,6 +415,11 @@ def test_demo_end_to_end_then_upper_bound_and_resume(tmp_path, monkeypatch, caps
     work = [line for line in step_lines if not line.split("] ", 1)[1].startswith(("write the report", "draw the"))]
     assert "resuming the demo" in fourth and work and all(line.endswith("skipped (done)") for line in work)
     assert "$ nnUNetv2_" not in fourth
+    assert sorted(path.name for path in folder.iterdir()) == ["crossdomain", "demo.json"]
+
+    demo.run_demo(["-o", str(folder), "--cases", "5"], SMALL_DEMO)  # finished, its nnU-Net folders gone: says so, retrains nothing
+    fifth = capsys.readouterr().out
+    assert "this demo has finished" in fifth and not any(line.startswith("[") for line in fifth.splitlines())
     assert sorted(path.name for path in folder.iterdir()) == ["crossdomain", "demo.json"]
 
 

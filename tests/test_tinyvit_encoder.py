@@ -114,3 +114,14 @@ def test_frozen_encoder_keeps_its_batchnorm_statistics_in_training(lite_medsam_s
         assert not any(m.training for m in parent.image_encoder.modules()) and drifted == []
     else:  # nnSAM's way (requires_grad=False only): the statistics move, which the assertion above catches
         assert parent.image_encoder.training and drifted
+
+
+def test_unknown_patch_embedding_is_refused_in_one_line(lite_medsam_state_dict):
+    state_dict = {**lite_medsam_state_dict, "image_encoder.patch_embed.seq.0.c.weight": torch.zeros(32, 3, 5, 5)}
+    with pytest.raises(SAMCheckpointError, match="unsupported TinyViT patch embedding: 5×5") as error:
+        TinyViTConfig.from_state_dict(state_dict)
+    assert "\n" not in str(error.value)
+
+
+def test_vit_files_keep_their_family(tiny_sam_checkpoint):
+    assert encoder_family(load_sam_state_dict(tiny_sam_checkpoint)) == "vit"

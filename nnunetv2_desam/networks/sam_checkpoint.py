@@ -19,6 +19,7 @@ import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
 from nnunetv2_desam.errors import SAMCheckpointError
+from nnunetv2_desam.networks.tinyvit_encoder import TINYVIT_ENCODER_KEYS
 
 OFFICIAL_CHECKPOINT_URLS = {
     "vit_b": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
@@ -30,11 +31,18 @@ OFFICIAL_CHECKPOINT_URLS = {
 # one quantity a state dict cannot reveal, since it only splits the projections.
 TWO_WAY_TRANSFORMER_HEADS = 8
 
-_REQUIRED_KEYS = (
-    "image_encoder.patch_embed.proj.weight",
-    "image_encoder.pos_embed",
-    "image_encoder.blocks.0.attn.rel_pos_h",
-    "image_encoder.neck.0.weight",
+# Image-encoder keys per family (ViT first: a foreign file is reported against the official layout),
+# then the prompt encoder and mask decoder keys that every family shares.
+_ENCODER_KEYS = {
+    "vit": (
+        "image_encoder.patch_embed.proj.weight",
+        "image_encoder.pos_embed",
+        "image_encoder.blocks.0.attn.rel_pos_h",
+        "image_encoder.neck.0.weight",
+    ),
+    "tinyvit": TINYVIT_ENCODER_KEYS,
+}
+_SHARED_KEYS = (
     "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix",
     "prompt_encoder.mask_downscaling.0.weight",
     "mask_decoder.iou_token.weight",
@@ -168,12 +176,23 @@ def build_sam(config: SAMConfig) -> Sam:
     )
 
 
+def encoder_family(state_dict: Dict[str, torch.Tensor]) -> str:
+    """``"tinyvit"`` for MobileSAM / LiteMedSAM files (convolutional patch embedding ``patch_embed.seq``), else ``"vit"``.
+
+    A file of neither layout counts as ``"vit"``, so its refusal names the official layout's keys.
+    """
+    return "tinyvit" if TINYVIT_ENCODER_KEYS[0] in state_dict else "vit"
+
+
 def _official_hint() -> str:
     return "expected an official SAM checkpoint (" + ", ".join(OFFICIAL_CHECKPOINT_URLS.values()) + ")"
 
 
 def load_sam_state_dict(path: str) -> Dict[str, torch.Tensor]:
     """Load an official-layout SAM state dict safely (``weights_only``: a file cannot run code).
+
+    The image encoder may be segment_anything's ViT or a TinyViT (MobileSAM, LiteMedSAM):
+    :func:`encoder_family` tells which, and only that family's keys are required.
 
     Raises :class:`SAMCheckpointError` with a one-line message for a missing, truncated,
     corrupted or foreign file.
@@ -193,11 +212,12 @@ def load_sam_state_dict(path: str) -> Dict[str, torch.Tensor]:
         ) from None
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise SAMCheckpointError(f"{path} is not a SAM checkpoint: it holds no state dict of tensors; {_official_hint()}")
-    missing = [k for k in _REQUIRED_KEYS if k not in state_dict]
+    required = _ENCODER_KEYS[encoder_family(state_dict)] + _SHARED_KEYS
+    missing = [k for k in required if k not in state_dict]
     if missing:
         raise SAMCheckpointError(
             f"{path} is not a SAM checkpoint: key {missing[0]!r} is missing "
-            f"({len(missing)} of {len(_REQUIRED_KEYS)} expected keys absent); {_official_hint()}"
+            f"({len(missing)} of {len(required)} expected keys absent); {_official_hint()}"
         )
     return state_dict
 

@@ -82,6 +82,11 @@ class SAMConfig:
     @classmethod
     def from_state_dict(cls, state_dict: Dict[str, torch.Tensor]) -> "SAMConfig":
         """Derive the architecture from tensor shapes (ViT-B/L/H or any size in that layout)."""
+        if encoder_family(state_dict) != "vit":
+            raise SAMCheckpointError(
+                "TinyViT SAM files (MobileSAM, LiteMedSAM) are recognised but the DeSAM, MedSAM and SAMed trainers "
+                f"do not use them yet; {_official_hint()}"
+            )
         enc = "image_encoder."
         embed_dim, _, patch_size, _ = state_dict[enc + "patch_embed.proj.weight"].shape
         grid = state_dict[enc + "pos_embed"].shape[1]
@@ -228,7 +233,7 @@ def sam_fingerprint(state_dict: Dict[str, torch.Tensor]) -> str:
     for key in sorted(state_dict):
         tensor = state_dict[key].detach().contiguous().cpu()
         digest.update(f"{key}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")  # 0-dim too (BatchNorm counters)
     return digest.hexdigest()
 
 

@@ -30,7 +30,7 @@ from nnunetv2_desam.experiments.crossdomain.methods import (ABLATION_ROWS, DEFAU
                                                             uses_point_grid)
 from nnunetv2_desam.experiments.splits import SPLITS_FILE, holds_source_split
 from nnunetv2_desam.networks.desam import DeSAMSettings
-from nnunetv2_desam.networks.sam_checkpoint import load_sam_state_dict
+from nnunetv2_desam.networks.sam_checkpoint import SAMConfig, load_sam_state_dict
 from nnunetv2_desam.trainer_search_path import environment_with_trainers
 
 CONFIGURATION = "2d"
@@ -275,7 +275,7 @@ def resolve_budget(args: argparse.Namespace, environment: Mapping[str, str]) -> 
 def check_sam_checkpoint(environment: Mapping[str, str]) -> None:
     """The SAM file must be a SAM checkpoint before the first step runs. The file is memory-mapped, so checking
     its keys reads its index, not its 0.4-2.5 GB of weights."""
-    load_sam_state_dict(sam_checkpoint_path(environment))
+    SAMConfig.from_state_dict(load_sam_state_dict(sam_checkpoint_path(environment)))  # refuses what the trainers cannot build
 
 
 def main_grid_size(environment: Mapping[str, str]) -> int:

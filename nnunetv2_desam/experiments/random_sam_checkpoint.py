@@ -48,7 +48,6 @@ def write_random_sam_checkpoint(
     return config
 
 
-
 def write_random_mobile_sam_checkpoint(
     path: str,
     embed_dims: Tuple[int, ...] = (32, 64, 80, 320),

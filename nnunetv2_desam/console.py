@@ -32,8 +32,8 @@ def report_desam_errors_in_one_line() -> None:
     """Make an uncaught :class:`DeSAMError` print one line instead of a traceback (exit status stays 1).
 
     nnU-Net's own commands (``nnUNetv2_train``, ``nnUNetv2_predict``) build our trainers and networks
-    and do not catch our exceptions; this is installed when one of them is built. Other exceptions
-    keep the hook that was there before.
+    and do not catch our exceptions; :mod:`~nnunetv2_desam.trainer_search_path` installs this at the
+    start of those commands only. Other exceptions keep the hook that was there before.
     """
     if getattr(sys.excepthook, "__wrapped_desam__", False):
         return

@@ -12,7 +12,7 @@ from typing import Mapping, Optional
 
 from nnunetv2_desam.errors import ConfigurationError
 from nnunetv2_desam.networks.grid_aggregation import GRID_AGGREGATIONS
-from nnunetv2_desam.networks.sam_checkpoint import OFFICIAL_CHECKPOINT_URLS
+from nnunetv2_desam.networks.default_sam_checkpoint import packaged_litemedsam
 
 SAM_CHECKPOINT_VARIABLE = "DESAM_SAM_CHECKPOINT"
 GRID_SIZE_VARIABLE = "DESAM_GRID_SIZE"
@@ -48,14 +48,12 @@ def positive_int_from_environment(variable: str, environment: Mapping[str, str] 
 
 
 def sam_checkpoint_path(environment: Mapping[str, str] = os.environ) -> str:
-    """The SAM file named by ``DESAM_SAM_CHECKPOINT``; :class:`ConfigurationError` when it is unset or a directory."""
+    """The SAM file named by ``DESAM_SAM_CHECKPOINT``, else the packaged LiteMedSAM
+    (:func:`~nnunetv2_desam.networks.default_sam_checkpoint.packaged_litemedsam`); :class:`ConfigurationError`
+    when it names a directory."""
     path = environment.get(SAM_CHECKPOINT_VARIABLE)
     if not path:
-        urls = ", ".join(OFFICIAL_CHECKPOINT_URLS.values())
-        raise ConfigurationError(
-            f"{SAM_CHECKPOINT_VARIABLE} is not set. Point it at an official SAM checkpoint file "
-            f"(download one of {urls}), e.g. export {SAM_CHECKPOINT_VARIABLE}=/path/to/sam_vit_h_4b8939.pth"
-        )
+        return packaged_litemedsam()
     if os.path.isdir(path):
         inside = sorted(name for name in os.listdir(path) if name.endswith(".pth"))
         raise ConfigurationError(
@@ -104,12 +102,14 @@ def apply_training_overrides(trainer) -> None:
 
     The batch size is written into the configuration, where nnU-Net reads it when the trainer
     initialises (and records it in ``debug.json``); call this from the trainer's ``__init__``.
-    A shortened run keeps nnU-Net's 20 ``checkpoint_latest.pth`` per run (every 50 of 1000 epochs),
+    A run shortened below the trainer's own epochs keeps nnU-Net's 20 ``checkpoint_latest.pth`` per run (every 50 of 1000 epochs),
     so that ``--c`` resumes an interrupted one where it stopped rather than at its best epoch.
     """
+    default_epochs = trainer.num_epochs
     for attribute, value in budget_from_environment().items():
         setattr(trainer, attribute, value)
-    trainer.save_every = min(trainer.save_every, max(1, trainer.num_epochs // 20))
+    if trainer.num_epochs < default_epochs:
+        trainer.save_every = min(trainer.save_every, max(1, trainer.num_epochs // 20))
     batch_size = positive_int_from_environment(BATCH_SIZE_VARIABLE)
     if batch_size is not None:
         trainer.configuration_manager.configuration["batch_size"] = batch_size

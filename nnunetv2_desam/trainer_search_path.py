@@ -5,10 +5,16 @@ in every interpreter of that environment, which imports this module. It appends
 :data:`TRAINERS_FOLDER` to ``nnUNet_extTrainer`` (nnU-Net >= 2.8 reads the variable when it looks
 a trainer up, and the subprocesses it starts inherit it). Standard library only, and it never
 raises: it runs before every Python program of the environment.
+
+Under nnU-Net's own console commands (``nnUNetv2_train``, ``nnUNetv2_predict``, …), which build our
+trainers and networks but do not catch our exceptions, it also makes an uncaught
+:class:`~nnunetv2_desam.errors.DeSAMError` print one line instead of a traceback. Nowhere else:
+library use (a service embedding ``nnUNetPredictor``, a notebook) keeps its own exception hook.
 """
 import argparse
 import os
 import shlex
+import sys
 
 TRAINERS_FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "trainers")
 VARIABLE = "nnUNet_extTrainer"
@@ -50,4 +56,17 @@ def main(argv=None) -> None:
         print(TRAINERS_FOLDER)
 
 
+def is_nnunet_command(argv) -> bool:
+    """Whether this interpreter runs one of nnU-Net's console scripts (``nnUNetv2_*``)."""
+    return bool(argv) and os.path.basename(argv[0]).startswith("nnUNetv2_")
+
+
+def report_errors_in_one_line_under_nnunet_commands(argv=sys.argv) -> None:
+    if is_nnunet_command(argv):
+        from nnunetv2_desam.console import report_desam_errors_in_one_line
+
+        report_desam_errors_in_one_line()
+
+
 add_trainers_folder()
+report_errors_in_one_line_under_nnunet_commands()

@@ -199,7 +199,7 @@ def test_ablation_switches_remove_what_they_should(sam_state_dict):
 
 
 def test_pdmm_size_matches_the_reference_for_vit_h():
-    parameters = sum(p.numel() for p in PDMM(encoder_dim=1280, width=256, num_classes=1, fuse_mask_embedding=True).parameters())
+    parameters = sum(p.numel() for p in PDMM(tap_channels=(1280,) * 3, tap_grids=(64,) * 3, width=256, num_classes=1, fuse_mask_embedding=True).parameters())
     assert abs(parameters - 9.757e6) / 9.757e6 < 0.02
 
 
@@ -324,7 +324,7 @@ def test_incomplete_trained_weights_are_still_refused(sam_state_dict):
 @pytest.mark.parametrize("fuse_mask_embedding", [True, False], ids=["mef", "no-mef"])
 def test_pdmm_decodes_image_features_once_for_all_prompts_like_per_prompt_decoding(fuse_mask_embedding):
     torch.manual_seed(0)
-    pdmm = PDMM(encoder_dim=24, width=32, num_classes=3, fuse_mask_embedding=fuse_mask_embedding).eval()
+    pdmm = PDMM(tap_channels=(24,) * 3, tap_grids=(8,) * 3, width=32, num_classes=3, fuse_mask_embedding=fuse_mask_embedding).eval()
     pdmm.deep_supervision = True
     taps = [torch.randn(2, 24, 6, 6) for _ in range(3)]
     mask_embedding = torch.randn(2 * 4, 32, 6, 6) if fuse_mask_embedding else None

@@ -36,3 +36,18 @@ def test_a_shortened_budget_saves_checkpoint_latest_as_often_per_run_as_nnunet(w
             os.environ["DESAM_EPOCHS"] = epochs
         trainer = nnUNetTrainerBudget(plans, "2d", 0, dataset_json, device=torch.device("cpu"))
     assert trainer.save_every == save_every
+
+
+@pytest.mark.parametrize("epochs, save_every", [(None, 50), ("50", 50), ("40", 2)])
+def test_desams_own_budget_keeps_nnunets_save_interval_until_a_variable_shortens_it(workspace, epochs, save_every):
+    """DeSAM's default of 50 epochs is its budget, not a shortened run: no variable, no extra checkpoint_latest.pth writes."""
+    from nnunetv2_desam.trainers.nnUNetTrainerDeSAM import nnUNetTrainerDeSAM
+
+    root, _ = workspace
+    plans, dataset_json = trainer_arguments(root)
+    with mock.patch.dict(os.environ, nnunet_folders(root)):
+        os.environ.pop("DESAM_EPOCHS", None)
+        if epochs is not None:
+            os.environ["DESAM_EPOCHS"] = epochs
+        trainer = nnUNetTrainerDeSAM(plans, "2d", 0, dataset_json, device=torch.device("cpu"))
+    assert trainer.num_epochs == int(epochs or 50) and trainer.save_every == save_every

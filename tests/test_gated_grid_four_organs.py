@@ -6,9 +6,13 @@ training prompts (:func:`~nnunetv2_desam.networks.prompts.sample_training_points
 nnU-Net's own data loader; then ``nnUNetv2_train`` → ``nnUNetv2_predict`` with the default gated grid
 and, on the same checkpoint, with ``DESAM_GRID_AGGREGATION=mean`` (which never gates a class away)
 → ``nnUNetv2_evaluate_folder``. The gate is right when it keeps every organ the network segments:
-each organ's gated Dice within ``GATE_TOLERANCE`` of the mean rule's, and the mean rule's above
-``LEARNT`` (so that the comparison is not between two empty outputs). Bars from measurement:
-documentation/multiclass_training_prompts.md.
+each organ's gated Dice within ``GATE_TOLERANCE`` of the mean rule's. So that the comparison is not
+between empty outputs, at least ``MIN_ORGANS_LEARNT`` organs must be segmented (mean rule above
+``LEARNT``, last validation pseudo-Dice above ``SEEN_IN_VALIDATION``): at this budget the small organ
+is occasionally not learnt at all (1 run in 7, Dice 0.0 under both rules, pseudo-Dice 0.0) — the
+segmentation's budget, not the gate. The sampler that deleted organs failed by gated 0.0 against a
+mean rule's 0.9 on three organs, which the per-organ comparison catches in every run. Bars from
+measurement: documentation/multiclass_training_prompts.md.
 """
 
 import json
@@ -35,6 +39,7 @@ BUDGET = {"DESAM_EPOCHS": "2", "DESAM_ITERATIONS_PER_EPOCH": "250", "DESAM_VAL_I
 GATE_TOLERANCE = 0.05
 LEARNT = 0.4  # measured (5 runs at this budget): the mean rule's Dice 0.54–0.98, gated within 0.006 of it
 SEEN_IN_VALIDATION = 0.3
+MIN_ORGANS_LEARNT = 3
 BALANCE_BATCHES = 100
 
 
@@ -109,7 +114,8 @@ def test_the_default_gated_grid_keeps_every_organ_the_network_segments(four_orga
     pseudo_dice = last_pseudo_dice(training.stdout)
     gated, mean = (predict_and_score(root, env, test_cases, rule) for rule in ("gated", "mean"))
     print(f"\nDice per organ on {NUM_TEST} unseen cases, gated {gated}, mean {mean}; last validation pseudo-Dice {pseudo_dice}")
-    assert len(pseudo_dice) == len(ORGANS) and min(pseudo_dice) > SEEN_IN_VALIDATION
+    assert len(pseudo_dice) == len(ORGANS)
+    learnt = [organ for organ in ORGANS if mean[organ] > LEARNT and pseudo_dice[organ - 1] > SEEN_IN_VALIDATION]
+    assert len(learnt) >= MIN_ORGANS_LEARNT, f"only organs {learnt} segmented: nothing to compare the gate on"
     for organ in ORGANS:
-        assert mean[organ] > LEARNT
-        assert gated[organ] > mean[organ] - GATE_TOLERANCE
+        assert gated[organ] > mean[organ] - GATE_TOLERANCE, f"the gate deleted organ {organ}"

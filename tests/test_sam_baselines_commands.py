@@ -93,13 +93,14 @@ def test_predict_and_evaluate_a_target_domain(trained, trainer):
     assert len(json.loads((output / "summary.json").read_text())["metric_per_case"]) == 2
 
 
-def test_samed_prediction_refuses_another_sam_file_and_a_missing_one(trained, other_tiny_sam_checkpoint, tmp_path):
+def test_samed_prediction_refuses_another_sam_file_and_the_default_tinyvit(trained, other_tiny_sam_checkpoint, tmp_path):
     root, env, _ = trained
     refused = predict(root, {**env, "DESAM_SAM_CHECKPOINT": str(other_tiny_sam_checkpoint)}, "nnUNetTrainerSAMed", tmp_path / "other", False)
     assert refused.returncode != 0 and "Traceback" not in refused.stderr
     assert "these SAMed weights were trained with SAM weights of fingerprint" in refused.stderr
     missing = predict(root, {k: v for k, v in env.items() if k != "DESAM_SAM_CHECKPOINT"}, "nnUNetTrainerSAMed", tmp_path / "none", False)
-    assert missing.returncode != 0 and "DESAM_SAM_CHECKPOINT is not set" in missing.stderr and "Traceback" not in missing.stderr
+    # unset: the packaged LiteMedSAM, a TinyViT, on which SAMed's LoRA is not defined
+    assert missing.returncode != 0 and "SAMed needs a ViT SAM file" in missing.stderr and "Traceback" not in missing.stderr
     assert not list(tmp_path.rglob("*.nii.gz"))
 
 

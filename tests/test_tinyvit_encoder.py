@@ -127,16 +127,15 @@ def test_vit_files_keep_their_family(tiny_sam_checkpoint):
     assert encoder_family(load_sam_state_dict(tiny_sam_checkpoint)) == "vit"
 
 
-def test_the_trainers_refuse_a_tinyvit_file_in_one_line_until_they_use_it(tmp_path):
-    """Recognised, not yet wired into DeSAM / MedSAM / SAMed: DeSAM's builder and the cross-domain command's up-front
-    check say so in one line instead of failing on a missing ViT key."""
+def test_samed_refuses_a_tinyvit_file_in_one_line_and_the_crossdomain_check_accepts_it(tmp_path):
+    """SAMed's LoRA is defined on the ViT's qkv projections: on a TinyViT it says so in one line. The cross-domain
+    command's up-front check accepts TinyViT files, which DeSAM and MedSAM build on."""
     from nnunetv2_desam.experiments.crossdomain.experiment import check_sam_checkpoint
-    from nnunetv2_desam.networks.desam import DeSAM
+    from nnunetv2_desam.networks.samed import SAMed
 
     path = tmp_path / "mobile_sam_tiny.pt"
     write_random_mobile_sam_checkpoint(str(path), seed=0)
-    for attempt in (lambda: DeSAM.from_sam_checkpoint(str(path), 1, 3),
-                    lambda: check_sam_checkpoint({"DESAM_SAM_CHECKPOINT": str(path)})):
-        with pytest.raises(SAMCheckpointError, match="TinyViT SAM files") as refusal:
-            attempt()
-        assert "\n" not in str(refusal.value)
+    check_sam_checkpoint({"DESAM_SAM_CHECKPOINT": str(path)})
+    with pytest.raises(SAMCheckpointError, match="SAMed needs a ViT SAM file") as refusal:
+        SAMed(load_sam_state_dict(str(path)), 1, 3)
+    assert "\n" not in str(refusal.value)

@@ -165,14 +165,18 @@ def test_prediction_with_another_sam_file_is_refused(trained, other_tiny_sam_che
     assert not list(tmp_path.glob("*.nii.gz"))
 
 
-def test_prediction_without_sam_file_is_refused_with_the_download_addresses(trained, tmp_path):
+def test_prediction_without_sam_variable_uses_lite_medsam_and_refuses_weights_trained_on_another_sam(trained, tmp_path):
+    """Unset, the packaged LiteMedSAM is the SAM in use: weights trained on the tiny SAM are refused in one line that
+    names it, and no file is written."""
     root, env, _ = trained
     env = {k: v for k, v in env.items() if k != "DESAM_SAM_CHECKPOINT"}
     images = root / "raw" / TARGET_NAME / "imagesTr"
     result = run(["nnUNetv2_predict", "-i", str(images), "-o", str(tmp_path), "-d", str(SOURCE), "-c", "2d", "-tr", "nnUNetTrainerDeSAM_Box", "-f", "0", "-device", "cpu"], env, expect_success=False)
     assert result.returncode != 0
-    assert "DESAM_SAM_CHECKPOINT is not set" in result.stderr and "sam_vit_h_4b8939.pth" in result.stderr
+    assert "DESAM_SAM_CHECKPOINT is unset: using the packaged LiteMedSAM" in result.stdout
+    assert "these DeSAM weights were trained with SAM weights of fingerprint" in result.stderr and "the packaged LiteMedSAM" in result.stderr
     assert "Traceback" not in result.stderr
+    assert not list(tmp_path.glob("*.nii.gz"))
 
 
 def test_training_with_a_missing_sam_file_is_refused(workspace, tmp_path):

@@ -11,7 +11,6 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from nnunetv2_desam.console import report_desam_errors_in_one_line
 from nnunetv2_desam.errors import ConfigurationError
 
 
@@ -54,7 +53,6 @@ class MultiViewTraining:
         raise NotImplementedError
 
     def _build_loss(self):
-        report_desam_errors_in_one_line()
         if self.label_manager.has_regions:
             raise ConfigurationError(f"{type(self).__name__} compares softmax predictions; region-based datasets are not supported")
         return MultiViewLoss(super()._build_loss(), self.consistency, self.settings.consistency_weight)

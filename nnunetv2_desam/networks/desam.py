@@ -34,14 +34,9 @@ from nnunetv2_desam.networks.frozen_sam_weights import keep_frozen_sam_weights_o
 from nnunetv2_desam.networks.pdmm import PDMM
 from nnunetv2_desam.networks.prim import PRIM
 from nnunetv2_desam.networks.prompts import grid_points
-from nnunetv2_desam.networks.sam_input import SAMInput
-from nnunetv2_desam.networks.sam_backbone import SAMBackbone
-from nnunetv2_desam.networks.sam_checkpoint import (
-    SAMConfig,
-    build_image_encoder,
-    build_prompt_encoder,
-    sub_state_dict,
-)
+from nnunetv2_desam.networks.sam_input import SAMInput, pixel_statistics
+from nnunetv2_desam.networks.sam_backbone import build_backbone
+from nnunetv2_desam.networks.sam_checkpoint import SAMConfig, build_prompt_encoder, sub_state_dict
 
 FROZEN_MODULES = ("image_encoder", "prompt_encoder")
 PROMPT_CHUNK_SIZE = 27  # image·prompt pairs per PRIM/PDMM pass, whatever the batch: a third of the 9×9 grid
@@ -117,9 +112,8 @@ class DeSAM(nn.Module):
         self.num_classes = num_classes
         self.prompt_shared_decoding = prompt_shared_decoding
         self.prompt_chunk_size = prompt_chunk_size
-        self.image_encoder = SAMBackbone(build_image_encoder(config), config.encoder_global_attn_indexes)
-        self.image_encoder.encoder.load_state_dict(sub_state_dict(sam_state_dict, "image_encoder."))
-        if fused_attention:
+        self.image_encoder = build_backbone(config, sam_state_dict)
+        if fused_attention and config.family == "vit":
             fuse_encoder_attention(self.image_encoder.encoder)
         self.prompt_encoder = build_prompt_encoder(config)
         self.prompt_encoder.load_state_dict(sub_state_dict(sam_state_dict, "prompt_encoder."))
@@ -130,9 +124,10 @@ class DeSAM(nn.Module):
         if settings.use_prim:
             self.prim = PRIM(config, num_classes - 1 if settings.use_iou_head else 0)
             self.prim.load_sam_mask_decoder(sam_state_dict)
-        self.decoder = PDMM(config.encoder_embed_dim, config.prompt_embed_dim, num_classes, settings.fuse_mask_embedding)
+        backbone = self.image_encoder
+        self.decoder = PDMM(backbone.tap_channels, backbone.tap_grids, config.prompt_embed_dim, num_classes, settings.fuse_mask_embedding)
 
-        self.sam_input = SAMInput(num_input_channels, config.img_size, intensity_windows)
+        self.sam_input = SAMInput(num_input_channels, config.img_size, intensity_windows, pixel_statistics(config))
         frozen_keys = [key for key in self.state_dict() if key.startswith(tuple(f"{m}." for m in FROZEN_MODULES))]
         keep_frozen_sam_weights_out_of_checkpoints(self, sam_state_dict, frozen_keys, "DeSAM", fingerprint)
 

@@ -7,6 +7,7 @@ entries from the network itself, so nnU-Net's strict ``load_state_dict`` and
 ``-pretrained_weights`` work on slim checkpoints. Used by DeSAM and SAMed.
 """
 
+import os
 from functools import partial
 from typing import Dict, Iterable, List, Optional
 
@@ -62,11 +63,15 @@ def _check_fingerprint_and_complete(frozen, model_name, module, state_dict, pref
         if saved != current:
             raise SAMCheckpointError(
                 f"these {model_name} weights were trained with SAM weights of fingerprint {saved[:16]}…, but the SAM "
-                f"checkpoint in use has fingerprint {current[:16]}…: point DESAM_SAM_CHECKPOINT at the SAM file used "
-                f"for training"
+                f"checkpoint in use ({_sam_file_in_use()}) has fingerprint {current[:16]}…: point DESAM_SAM_CHECKPOINT at "
+                f"the SAM file used for training"
             )
     for name in frozen:
         state_dict.setdefault(prefix + name, _tensor(module, name).detach())
+
+
+def _sam_file_in_use() -> str:
+    return os.environ.get("DESAM_SAM_CHECKPOINT") or "the packaged LiteMedSAM, DESAM_SAM_CHECKPOINT being unset"
 
 
 def _tensor(module: nn.Module, name: str) -> torch.Tensor:

@@ -35,9 +35,11 @@ from nnunetv2_desam.networks.sam_checkpoint import (
     build_image_encoder,
     build_mask_decoder,
     build_prompt_encoder,
+    image_encoder_state_dict,
     load_sam_state_dict,
     sub_state_dict,
 )
+from nnunetv2_desam.networks.tinyvit_encoder import tokens_to_grid
 from nnunetv2_desam.networks.sam_finetuning import UnitRangeInput, decode_each_image
 
 SAM_MODULES = ("image_encoder", "prompt_encoder", "mask_decoder")
@@ -122,7 +124,7 @@ class MedSAM(nn.Module):
         self.sam_config = config
         self.gradient_checkpointing = gradient_checkpointing
         self.image_encoder = build_image_encoder(config)
-        if fused_attention:
+        if fused_attention and config.family == "vit":
             fuse_encoder_attention(self.image_encoder)
         self.prompt_encoder = build_prompt_encoder(config).requires_grad_(False)
         self.mask_decoder = build_mask_decoder(config)
@@ -133,7 +135,8 @@ class MedSAM(nn.Module):
     @classmethod
     def from_sam_state_dict(cls, sam_state_dict: Dict[str, torch.Tensor], num_input_channels: int, num_classes: int, **kwargs) -> "MedSAM":
         network = cls(SAMConfig.from_state_dict(sam_state_dict), num_input_channels, num_classes, **kwargs)
-        for name in SAM_MODULES:
+        network.image_encoder.load_state_dict(image_encoder_state_dict(sam_state_dict))
+        for name in SAM_MODULES[1:]:
             getattr(network, name).load_state_dict(sub_state_dict(sam_state_dict, name + "."))
         return network
 
@@ -143,10 +146,15 @@ class MedSAM(nn.Module):
         return cls.from_sam_state_dict(load_sam_state_dict(path), num_input_channels, num_classes, **kwargs)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """segment_anything's encoder pass, block by block: B×3×S×S → B×D×G×G."""
+        """The encoder pass, block by block (TinyViT: stage by stage): B×3×S×S → B×D×G×G."""
         encoder = self.image_encoder
-        x = encoder.patch_embed(images) + encoder.pos_embed
         recompute = self.gradient_checkpointing and torch.is_grad_enabled()
+        if self.sam_config.family == "tinyvit":
+            x = encoder.patch_embed(images)
+            for layer in encoder.layers:
+                x = checkpoint(layer, x, use_reentrant=False) if recompute else layer(x)
+            return encoder.neck(tokens_to_grid(x, self.sam_config.image_embedding_size))
+        x = encoder.patch_embed(images) + encoder.pos_embed
         for block in encoder.blocks:
             x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
         return encoder.neck(x.permute(0, 3, 1, 2))

@@ -54,13 +54,26 @@ def up_step(channels: int) -> nn.Sequential:
     return nn.Sequential(nn.ConvTranspose2d(channels, channels, 2, stride=2), se_residual_block(channels, channels))
 
 
+def tap_up_steps(tap_grids: Sequence[int]) -> Tuple[int, int, int]:
+    """Up-steps that bring taps on grids (shallow, middle, deep) to 4G, 2G and G, G = the deep tap's grid."""
+    deep = tap_grids[2]
+    steps = []
+    for grid, scale in zip(tap_grids, (4, 2, 1)):
+        if (scale * deep) % grid or ((scale * deep) // grid) & ((scale * deep) // grid - 1):
+            raise ValueError(f"PDMM needs taps a power of two below 4G, 2G and G; got grids {tuple(tap_grids)}")
+        steps.append(((scale * deep) // grid).bit_length() - 1)
+    return tuple(steps)
+
+
 class PDMM(nn.Module):
     """Multi-scale taps (+ PRIM's mask embedding) → segmentation logits.
 
     Widths follow the prompt embedding D (256 for official SAM): the deepest tap becomes D
-    channels at G×G, the middle one D/2 at 2G, the shallowest D/4 at 4G. The decoder goes
-    G → 2G → 4G with skip fusion; the 4G head is the output (a quarter of the encoder input), the
-    2G head the deep-supervision output.
+    channels at G×G, the middle one D/2 at 2G, the shallowest D/4 at 4G (G: the embedding grid).
+    Each tap reaches its scale through as many up-steps as it lies below it: ViT's taps are all at
+    G (2, 1 and 0 up-steps, the paper's design), TinyViT's stage outputs at 2G, G and G (1, 1, 0).
+    The decoder goes G → 2G → 4G with skip fusion; the 4G head is the output (a quarter of a ViT's
+    encoder input, the whole 256² input of LiteMedSAM), the 2G head the deep-supervision output.
 
     The two heads (1×1 convolutions to K classes) are ``seg_layers[0]`` (4G) and ``seg_layers[1]``
     (2G): nnU-Net's name for class-count-dependent output layers, whose keys
@@ -71,14 +84,16 @@ class PDMM(nn.Module):
     the image, :meth:`decode` on the prompt's mask embedding.
     """
 
-    def __init__(self, encoder_dim: int, width: int, num_classes: int, fuse_mask_embedding: bool):
+    def __init__(self, tap_channels: Sequence[int], tap_grids: Sequence[int], width: int, num_classes: int, fuse_mask_embedding: bool):
         super().__init__()
         self.deep_supervision = False
         self.fuse_mask_embedding = fuse_mask_embedding
         half, quarter = width // 2, width // 4
-        self.deep_branch = se_residual_block(encoder_dim, width)
-        self.middle_branch = nn.Sequential(se_residual_block(encoder_dim, half), up_step(half))
-        self.shallow_branch = nn.Sequential(se_residual_block(encoder_dim, quarter), up_step(quarter), up_step(quarter))
+        shallow, middle, deep = tap_channels
+        up_steps = tap_up_steps(tap_grids)
+        self.deep_branch = se_residual_block(deep, width)
+        self.middle_branch = nn.Sequential(se_residual_block(middle, half), *(up_step(half) for _ in range(up_steps[1])))
+        self.shallow_branch = nn.Sequential(se_residual_block(shallow, quarter), *(up_step(quarter) for _ in range(up_steps[0])))
         self.mask_embedding_fusion = se_residual_block(2 * width, width) if fuse_mask_embedding else None
         self.up_middle = nn.ConvTranspose2d(width, half, 2, stride=2)
         self.decode_middle = se_residual_block(width, half)
@@ -87,7 +102,7 @@ class PDMM(nn.Module):
         self.seg_layers = nn.ModuleList([nn.Conv2d(quarter, num_classes, 1), nn.Conv2d(half, num_classes, 1)])
 
     def encode_taps(self, taps: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Taps (shallow, middle, deep), each B×C_enc×G×G → (B×D/4×4G×4G, B×D/2×2G×2G, B×D×G×G)."""
+        """Taps (shallow, middle, deep) B×C_i×g_i×g_i → (B×D/4×4G×4G, B×D/2×2G×2G, B×D×G×G)."""
         shallow, middle, deep = taps
         return self.shallow_branch(shallow), self.middle_branch(middle), self.deep_branch(deep)
 

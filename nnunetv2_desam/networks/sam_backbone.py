@@ -1,14 +1,21 @@
 """The frozen SAM image encoder, tapped for DeSAM.
 
 DeSAM reads four things off SAM's ViT: the outputs of the first three global-attention blocks
-(PDMM's multi-scale inputs) and the neck output (PRIM's image embedding).
+(PDMM's multi-scale inputs) and the neck output (PRIM's image embedding). TinyViT encoders
+(MobileSAM, LiteMedSAM) are tapped at their stage outputs instead
+(:class:`~nnunetv2_desam.networks.tinyvit_encoder.TinyViTBackbone`); :func:`build_backbone` picks by
+the checkpoint. Both expose ``tap_channels`` and ``tap_grids`` (channels and side of each tap), which
+size PDMM.
 """
 
-from typing import List, Tuple
+from typing import Dict, List, Tuple, Union
 
 import torch
 from segment_anything.modeling import ImageEncoderViT
 from torch import nn
+
+from nnunetv2_desam.networks.sam_checkpoint import SAMConfig, build_image_encoder, image_encoder_state_dict
+from nnunetv2_desam.networks.tinyvit_encoder import TinyViTBackbone
 
 
 class SAMBackbone(nn.Module):
@@ -27,6 +34,9 @@ class SAMBackbone(nn.Module):
             raise ValueError(f"DeSAM needs {self.num_taps} global-attention blocks, the encoder has {len(global_attn_indexes)}")
         self.encoder = encoder
         self.tap_indexes = tuple(global_attn_indexes[: self.num_taps])
+        _, grid, _, channels = encoder.pos_embed.shape  # 1×G×G×C_enc
+        self.tap_channels = (channels,) * self.num_taps
+        self.tap_grids = (grid,) * self.num_taps
 
     @property
     def img_size(self) -> int:
@@ -41,3 +51,13 @@ class SAMBackbone(nn.Module):
                 taps.append(x.permute(0, 3, 1, 2))
         embedding = self.encoder.neck(x.permute(0, 3, 1, 2))
         return taps, embedding
+
+
+def build_backbone(config: SAMConfig, sam_state_dict: Dict[str, torch.Tensor]) -> Union[SAMBackbone, TinyViTBackbone]:
+    """The tapped image encoder of the checkpoint's family, with the checkpoint's encoder weights loaded
+    (before ``eval()``: TinyViT's attention caches its biases when it enters eval mode)."""
+    encoder = build_image_encoder(config)
+    encoder.load_state_dict(image_encoder_state_dict(sam_state_dict))
+    if config.tinyvit is not None:
+        return TinyViTBackbone(encoder, config.tinyvit)
+    return SAMBackbone(encoder, config.encoder_global_attn_indexes)

@@ -13,13 +13,14 @@ import pickle
 import zipfile
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import Dict, Tuple, Type
+from typing import Dict, Optional, Tuple, Type
 
 import torch
+from torch import nn
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
 from nnunetv2_desam.errors import SAMCheckpointError
-from nnunetv2_desam.networks.tinyvit_encoder import TINYVIT_ENCODER_KEYS
+from nnunetv2_desam.networks.tinyvit_encoder import TINYVIT_ENCODER_KEYS, TinyViTConfig, build_tinyvit_encoder, encoder_weights
 
 OFFICIAL_CHECKPOINT_URLS = {
     "vit_b": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
@@ -55,7 +56,12 @@ _SHARED_KEYS = (
 
 @dataclass(frozen=True)
 class SAMConfig:
-    """Architecture of a SAM model, as read from a state dict."""
+    """Architecture of a SAM model, as read from a state dict.
+
+    ``tinyvit`` is set for TinyViT files (MobileSAM, LiteMedSAM); then the ``encoder_*`` fields
+    describe TinyViT's last stage, ``encoder_global_attn_indexes`` is empty (TinyViT attends in
+    windows only) and ``patch_size`` is the input size over the 64² embedding grid (4 for LiteMedSAM).
+    """
 
     img_size: int
     patch_size: int
@@ -73,6 +79,12 @@ class SAMConfig:
     attention_downsample_rate: int
     iou_head_depth: int
     iou_head_hidden_dim: int
+    tinyvit: Optional[TinyViTConfig] = None
+
+    @property
+    def family(self) -> str:
+        """``"vit"`` (segment_anything's ViT-B/L/H) or ``"tinyvit"`` (MobileSAM, LiteMedSAM)."""
+        return "vit" if self.tinyvit is None else "tinyvit"
 
     @property
     def image_embedding_size(self) -> int:
@@ -82,32 +94,13 @@ class SAMConfig:
     @classmethod
     def from_state_dict(cls, state_dict: Dict[str, torch.Tensor]) -> "SAMConfig":
         """Derive the architecture from tensor shapes (ViT-B/L/H or any size in that layout)."""
-        if encoder_family(state_dict) != "vit":
-            raise SAMCheckpointError(
-                "TinyViT SAM files (MobileSAM, LiteMedSAM) are recognised but the DeSAM, MedSAM and SAMed trainers "
-                f"do not use them yet; {_official_hint()}"
-            )
-        enc = "image_encoder."
-        embed_dim, _, patch_size, _ = state_dict[enc + "patch_embed.proj.weight"].shape
-        grid = state_dict[enc + "pos_embed"].shape[1]
-        depth = 1 + max(int(k.split(".")[2]) for k in state_dict if k.startswith(enc + "blocks."))
-        rel_pos_lengths = [state_dict[f"{enc}blocks.{i}.attn.rel_pos_h"].shape[0] for i in range(depth)]
-        global_blocks = tuple(i for i, n in enumerate(rel_pos_lengths) if n == 2 * grid - 1)
-        windowed = [n for n in rel_pos_lengths if n != 2 * grid - 1]
-        head_dim = state_dict[enc + "blocks.0.attn.rel_pos_h"].shape[1]
+        encoder = _tinyvit_encoder_fields(state_dict) if encoder_family(state_dict) == "tinyvit" else _vit_encoder_fields(state_dict)
         dec = "mask_decoder."
         prompt_dim = state_dict[dec + "iou_token.weight"].shape[1]
         q_dim = state_dict[dec + "transformer.layers.0.cross_attn_token_to_image.q_proj.weight"].shape[0]
         iou_layers = [k for k in state_dict if k.startswith(dec + "iou_prediction_head.layers.") and k.endswith("weight")]
         return cls(
-            img_size=grid * patch_size,
-            patch_size=patch_size,
-            encoder_embed_dim=embed_dim,
-            encoder_depth=depth,
-            encoder_num_heads=embed_dim // head_dim,
-            encoder_mlp_ratio=state_dict[enc + "blocks.0.mlp.lin1.weight"].shape[0] / embed_dim,
-            encoder_window_size=(windowed[0] + 1) // 2 if windowed else 0,
-            encoder_global_attn_indexes=global_blocks,
+            **encoder,
             prompt_embed_dim=prompt_dim,
             mask_in_chans=4 * state_dict["prompt_encoder.mask_downscaling.0.weight"].shape[0],
             num_mask_tokens=state_dict[dec + "mask_tokens.weight"].shape[0],
@@ -124,11 +117,56 @@ class SAMConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "SAMConfig":
         """Inverse of :meth:`to_dict`, also after a JSON round trip (lists back to tuples)."""
-        return cls(**{**values, "encoder_global_attn_indexes": tuple(values["encoder_global_attn_indexes"])})
+        tinyvit = values.get("tinyvit")
+        return cls(**{
+            **values,
+            "encoder_global_attn_indexes": tuple(values["encoder_global_attn_indexes"]),
+            "tinyvit": None if tinyvit is None else TinyViTConfig.from_dict(tinyvit),
+        })
 
 
-def build_image_encoder(config: SAMConfig) -> ImageEncoderViT:
-    """segment_anything's ViT with the checkpoint's geometry (random weights until loaded)."""
+def _vit_encoder_fields(state_dict: Dict[str, torch.Tensor]) -> dict:
+    """SAMConfig's image-encoder fields of a segment_anything ViT, from its tensor shapes."""
+    enc = "image_encoder."
+    embed_dim, _, patch_size, _ = state_dict[enc + "patch_embed.proj.weight"].shape
+    grid = state_dict[enc + "pos_embed"].shape[1]
+    depth = 1 + max(int(k.split(".")[2]) for k in state_dict if k.startswith(enc + "blocks."))
+    rel_pos_lengths = [state_dict[f"{enc}blocks.{i}.attn.rel_pos_h"].shape[0] for i in range(depth)]
+    windowed = [n for n in rel_pos_lengths if n != 2 * grid - 1]
+    head_dim = state_dict[enc + "blocks.0.attn.rel_pos_h"].shape[1]
+    return dict(
+        img_size=grid * patch_size,
+        patch_size=patch_size,
+        encoder_embed_dim=embed_dim,
+        encoder_depth=depth,
+        encoder_num_heads=embed_dim // head_dim,
+        encoder_mlp_ratio=state_dict[enc + "blocks.0.mlp.lin1.weight"].shape[0] / embed_dim,
+        encoder_window_size=(windowed[0] + 1) // 2 if windowed else 0,
+        encoder_global_attn_indexes=tuple(i for i, n in enumerate(rel_pos_lengths) if n == 2 * grid - 1),
+    )
+
+
+def _tinyvit_encoder_fields(state_dict: Dict[str, torch.Tensor]) -> dict:
+    """SAMConfig's image-encoder fields of a TinyViT (MobileSAM, LiteMedSAM), from its tensor shapes."""
+    tinyvit = TinyViTConfig.from_state_dict(state_dict)
+    return dict(
+        img_size=tinyvit.img_size,
+        patch_size=tinyvit.img_size // tinyvit.embedding_grid,
+        encoder_embed_dim=tinyvit.embed_dims[-1],
+        encoder_depth=sum(tinyvit.depths),
+        encoder_num_heads=tinyvit.num_heads[-1],
+        encoder_mlp_ratio=tinyvit.mlp_ratio,
+        encoder_window_size=tinyvit.window_sizes[-1],
+        encoder_global_attn_indexes=(),
+        tinyvit=tinyvit,
+    )
+
+
+def build_image_encoder(config: SAMConfig) -> nn.Module:
+    """The checkpoint's image encoder with its geometry (random weights until loaded): segment_anything's
+    ViT, or for TinyViT files the libraries' TinyViT (:func:`~nnunetv2_desam.networks.tinyvit_encoder.build_tinyvit_encoder`)."""
+    if config.tinyvit is not None:
+        return build_tinyvit_encoder(config.tinyvit)
     return ImageEncoderViT(
         img_size=config.img_size,
         patch_size=config.patch_size,
@@ -190,7 +228,8 @@ def encoder_family(state_dict: Dict[str, torch.Tensor]) -> str:
 
 
 def _official_hint() -> str:
-    return "expected an official SAM checkpoint (" + ", ".join(OFFICIAL_CHECKPOINT_URLS.values()) + ")"
+    return ("expected an official SAM checkpoint (" + ", ".join(OFFICIAL_CHECKPOINT_URLS.values())
+            + "), MobileSAM's mobile_sam.pt or LiteMedSAM's lite_medsam.pth")
 
 
 def load_sam_state_dict(path: str) -> Dict[str, torch.Tensor]:
@@ -235,6 +274,14 @@ def sam_fingerprint(state_dict: Dict[str, torch.Tensor]) -> str:
         digest.update(f"{key}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")  # 0-dim too (BatchNorm counters)
     return digest.hexdigest()
+
+
+def image_encoder_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The image encoder's entries without the ``image_encoder.`` prefix (for TinyViT files without
+    the ImageNet classifier that MobileSAM's file carries and SAM never runs)."""
+    if encoder_family(state_dict) == "tinyvit":
+        return encoder_weights(state_dict)
+    return sub_state_dict(state_dict, "image_encoder.")
 
 
 def sub_state_dict(state_dict: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:

@@ -19,6 +19,10 @@ into what SAM was trained on:
 3. **Size.** SAM's ``ResizeLongestSide``: the longer side is resized to the encoder input S
    (bilinear, antialiased), the aspect ratio kept, then SAM's pixel normalisation
    (segment_anything's own ``Sam`` mean and std) and zero padding to S×S, as ``Sam.preprocess``.
+   LiteMedSAM was pretrained on images in [0, 1] without mean/std: for it the same path divides by
+   255 (:func:`pixel_statistics`). Its own pipeline min-max normalises each image instead; the fixed
+   window keeps tiles consistent and nnU-Net's intensity augmentation alive, and on the real CT/MR
+   slices it gives LiteMedSAM's box-prompted Dice (``tests/test_litemedsam_input.py``).
    Prompts scale like ``ResizeLongestSide.apply_coords``; masks come back like
    ``Sam.postprocess_masks`` (upsample to S×S, crop the padding, resize to the patch).
 """
@@ -38,12 +42,21 @@ from nnunetv2_desam.errors import ConfigurationError
 ZSCORE_WINDOW = (-1.0, 6.0)  # z-scores mapped to SAM's 0 and 255
 UNIT_WINDOW = (0.0, 1.0)
 UNIT_RANGE_SCHEMES = ("RescaleTo01Normalization", "RGBTo01Normalization")
+UNIT_RANGE_STATISTICS = ((0.0, 0.0, 0.0), (255.0, 255.0, 255.0))  # 0–255 → [0, 1], no mean/std
 
 
 def sam_pixel_statistics() -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
     """segment_anything's pixel mean and std (the defaults of ``Sam``, which its builders use)."""
     parameters = inspect.signature(Sam.__init__).parameters
     return tuple(parameters["pixel_mean"].default), tuple(parameters["pixel_std"].default)
+
+
+def pixel_statistics(config) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """The (mean, std) an encoder's pretraining normalised its 0–255 pixels with: SAM's for ViT files and
+    MobileSAM, (0, 255) for LiteMedSAM, which was trained on images in [0, 1] (``UNIT_RANGE_STATISTICS``)."""
+    if config.tinyvit is not None and config.tinyvit.unit_range_input:
+        return UNIT_RANGE_STATISTICS
+    return sam_pixel_statistics()
 
 
 def intensity_windows(normalization_schemes: Sequence[str], foreground_properties: Mapping[str, dict]) -> Tuple[Tuple[float, float], ...]:
@@ -91,10 +104,12 @@ class SAMInput(nn.Module):
     """nnU-Net patch B×C×H×W → SAM input B×3×S×S, plus the geometry to map prompts and masks.
 
     ``windows``: one (low, high) per channel (:func:`intensity_windows`), default ``ZSCORE_WINDOW``.
+    ``statistics``: the pixel (mean, std) of the encoder's pretraining (:func:`pixel_statistics`), default SAM's.
     ``resized_size(H, W)`` = (h', w'), the patch's size inside the S×S input (longer side S).
     """
 
-    def __init__(self, num_input_channels: int, image_size: int, windows: Optional[Sequence[Tuple[float, float]]] = None):
+    def __init__(self, num_input_channels: int, image_size: int, windows: Optional[Sequence[Tuple[float, float]]] = None,
+                 statistics: Optional[Tuple[Sequence[float], Sequence[float]]] = None):
         super().__init__()
         self.image_size = image_size
         windows = torch.tensor(windows if windows is not None else [ZSCORE_WINDOW] * num_input_channels, dtype=torch.float32)
@@ -102,7 +117,7 @@ class SAMInput(nn.Module):
             raise ConfigurationError(f"DeSAM needs one intensity window (low < high) per input channel ({num_input_channels}), got {windows.tolist()}")
         self.register_buffer("window_low", windows[:, 0].view(1, -1, 1, 1), persistent=False)
         self.register_buffer("window_width", (windows[:, 1] - windows[:, 0]).view(1, -1, 1, 1), persistent=False)
-        pixel_mean, pixel_std = sam_pixel_statistics()
+        pixel_mean, pixel_std = statistics if statistics is not None else sam_pixel_statistics()
         self.register_buffer("channel_mixing", channel_mixing_matrix(num_input_channels), persistent=False)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1), persistent=False)

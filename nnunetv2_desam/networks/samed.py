@@ -120,6 +120,12 @@ class SAMed(nn.Module):
                  intensity_windows: Optional[Sequence[Tuple[float, float]]] = None, fingerprint: Optional[str] = None):
         super().__init__()
         config = SAMConfig.from_state_dict(sam_state_dict)
+        if config.family != "vit":
+            raise SAMCheckpointError(
+                "SAMed needs a ViT SAM file (sam_vit_b_01ec64.pth, as its authors): its LoRA adapts the ViT's global qkv "
+                "projections at half the input size, which a TinyViT (MobileSAM, LiteMedSAM) does not have; set "
+                "DESAM_SAM_CHECKPOINT to a ViT-B/L/H file"
+            )
         self.sam_config = config
         self.input_config = replace(config, img_size=config.img_size // 2)
         self.image_encoder = self._lora_encoder(sam_state_dict, rank, fused_attention)

@@ -16,7 +16,7 @@ constructor hard-codes the 3×3 stride-2 embedding).
 import math
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -62,6 +62,22 @@ class TinyViTConfig:
     mlp_ratio: float
     mbconv_expand_ratio: float
     local_conv_size: int
+
+    @property
+    def embedding_grid(self) -> int:
+        return EMBEDDING_GRID
+
+    @property
+    def unit_range_input(self) -> bool:
+        """Whether pretraining fed [0, 1] images without SAM's pixel mean/std: LiteMedSAM (1×1 embedding)
+        was trained on per-image min-max normalised images, MobileSAM on SAM's normalisation."""
+        return self.patch_kernel_size == 1
+
+    @property
+    def stage_output_grids(self) -> Tuple[int, ...]:
+        """Side of each stage's output grid (128, 64, 64, 64 for LiteMedSAM and MobileSAM)."""
+        strides = self.stage_strides
+        return tuple(self.img_size // stride for stride in strides[1:]) + (self.img_size // strides[-1],)
 
     @property
     def stage_strides(self) -> Tuple[int, ...]:
@@ -194,3 +210,41 @@ def load_tinyvit_encoder(state_dict: Dict[str, torch.Tensor]) -> Tuple[nn.Module
         mismatch = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line), str(error))
         raise SAMCheckpointError(f"TinyViT SAM encoder with {config.embed_dims} channels: {mismatch}") from None
     return encoder.eval(), config
+
+
+class TinyViTBackbone(nn.Module):
+    """A TinyViT SAM encoder returning DeSAM's taps: the outputs of stages 0, 1 and 2, and the neck.
+
+    The counterpart of :class:`~nnunetv2_desam.networks.sam_backbone.SAMBackbone` (ViT: three global
+    blocks, all at the embedding grid G). TinyViT is hierarchical, so its taps come at their stages'
+    resolutions: for LiteMedSAM and MobileSAM 128 channels at 2G, 160 at G and 320 at G (G = 64), the
+    last stage and the neck give the embedding B×256×G×G, as ``TinyViT.forward`` does.
+    """
+
+    num_taps = 3
+
+    def __init__(self, encoder: nn.Module, config: TinyViTConfig):
+        super().__init__()
+        self.encoder = encoder
+        self.tap_channels = config.embed_dims[1: 1 + self.num_taps]
+        self.tap_grids = config.stage_output_grids[: self.num_taps]
+        self.grids = config.stage_output_grids
+
+    @property
+    def img_size(self) -> int:
+        return self.encoder.img_size
+
+    def forward(self, images: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor]:
+        """B×3×S×S → taps [B×C_i×g_i×g_i for stages 0, 1, 2] and the embedding B×256×G×G."""
+        x = self.encoder.patch_embed(images)
+        taps = []
+        for index, (layer, grid) in enumerate(zip(self.encoder.layers, self.grids)):
+            x = layer(x)  # B×g²×C tokens
+            if index < self.num_taps:
+                taps.append(tokens_to_grid(x, grid))
+        return taps, self.encoder.neck(tokens_to_grid(x, self.grids[-1]))
+
+
+def tokens_to_grid(tokens: torch.Tensor, grid: int) -> torch.Tensor:
+    """B×(g·g)×C tokens in row-major order → B×C×g×g."""
+    return tokens.unflatten(1, (grid, grid)).permute(0, 3, 1, 2)

@@ -4,7 +4,6 @@ nnU-Net imports this file as a top-level module from the folder in ``nnUNet_extT
 rest of the package is imported absolutely.
 """
 
-import os
 import zlib
 
 import torch
@@ -12,7 +11,6 @@ import torch
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunetv2_desam.console import report_desam_errors_in_one_line
 from nnunetv2_desam.environment_variables import (
     apply_training_overrides,
     grid_aggregation_from_environment,
@@ -24,6 +22,7 @@ from nnunetv2_desam.errors import ConfigurationError
 from nnunetv2_desam.networks.desam import DeSAM, DeSAMSettings
 from nnunetv2_desam.networks.prompts import iou_loss_per_class, sample_training_points
 from nnunetv2_desam.networks.sam_input import intensity_windows_from_plans
+from nnunetv2_desam.slim_checkpoint import drop_optimizer_moments, is_final_checkpoint, save_slim_checkpoint
 from nnunetv2_desam.training_step import autocast_on_cuda, backward_and_step
 
 PAPER_BATCH_SIZE = 8
@@ -45,7 +44,6 @@ class nnUNetTrainerDeSAM(nnUNetTrainer):
     deep_supervision_weights = (2.0 / 3.0, 1.0 / 3.0)
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict, device: torch.device = torch.device("cuda")):
-        report_desam_errors_in_one_line()
         super().__init__(plans, configuration, fold, dataset_json, device)
         if len(self.configuration_manager.patch_size) != 2:
             raise ConfigurationError(f"DeSAM is a 2D method, use -c 2d (got configuration '{configuration}')")
@@ -57,14 +55,13 @@ class nnUNetTrainerDeSAM(nnUNetTrainer):
         self.num_iterations_per_epoch = 100
         self.configuration_manager.configuration["batch_size"] = PAPER_BATCH_SIZE
         apply_training_overrides(self)
-        # fold may be 'all'; every DDP rank draws its own prompts
-        self.prompt_generator = torch.Generator().manual_seed(zlib.crc32(str(fold).encode()) + self.local_rank)
+        self.prompt_generator = torch.Generator()
+        self.seed_training_prompts()
 
     @classmethod
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels, num_output_channels, enable_deep_supervision: bool = True) -> DeSAM:
         """The SAM file comes from DESAM_SAM_CHECKPOINT, the grid from DESAM_GRID_SIZE and DESAM_GRID_AGGREGATION,
         the intensity windows from the plans (called by the trainer and by nnUNetv2_predict, so both map intensities alike)."""
-        report_desam_errors_in_one_line()
         if len(configuration_manager.patch_size) != 2:
             raise ConfigurationError("DeSAM is a 2D method, use -c 2d")
         default = cls.desam_settings
@@ -100,6 +97,15 @@ class nnUNetTrainerDeSAM(nnUNetTrainer):
         self.inference_allowed_mirroring_axes = None
         return configuration
 
+    def seed_training_prompts(self) -> None:
+        """Seed the training prompts from (fold, DDP rank, epoch): ``--c`` resumes with the prompts the epoch would have
+        drawn (no generator state to keep in the checkpoint), and every rank draws its own. Fold may be 'all'."""
+        self.prompt_generator.manual_seed(zlib.crc32(f"{self.fold}/{self.local_rank}/{self.current_epoch}".encode()))
+
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        self.seed_training_prompts()
+
     def train_step(self, batch: dict) -> dict:
         target = batch["target"]
         full_target = target[0] if isinstance(target, list) else target
@@ -118,12 +124,9 @@ class nnUNetTrainerDeSAM(nnUNetTrainer):
         return {"loss": loss.detach().cpu().numpy()}
 
     def save_checkpoint(self, filename: str) -> None:
-        """As nnU-Net's, but checkpoint_final.pth drops Adam's moments (2× the weights): a slim, deployable file.
-
-        The optimizer's parameter groups stay, so ``--c`` after the end of training still loads it.
-        """
-        super().save_checkpoint(filename)
-        if os.path.basename(filename) == "checkpoint_final.pth" and self.local_rank == 0 and not self.disable_checkpointing:
-            checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
-            checkpoint["optimizer_state"]["state"] = {}
-            torch.save(checkpoint, filename)
+        """As nnU-Net's, but checkpoint_final.pth drops Adam's moments (2× the weights): a slim, deployable file,
+        written once (:func:`~nnunetv2_desam.slim_checkpoint.save_slim_checkpoint`); ``--c`` still loads it."""
+        if is_final_checkpoint(filename):
+            save_slim_checkpoint(super().save_checkpoint, filename, drop_optimizer_moments)
+        else:
+            super().save_checkpoint(filename)

@@ -10,7 +10,6 @@ from torch._dynamo import OptimizedModule
 
 from nnunetv2_desam.augmentation.consistency import select_view
 from nnunetv2_desam.augmentation.maxstyle import MaxStyleSettings, maxstyle_images
-from nnunetv2_desam.console import report_desam_errors_in_one_line
 from nnunetv2_desam.errors import ConfigurationError
 from nnunetv2_desam.networks.image_decoder import ImageDecoder
 from nnunetv2_desam.training_step import autocast_on_cuda, backward_and_step
@@ -32,7 +31,6 @@ class nnUNetTrainerMaxStyle(nnUNetTrainerBudget):
     settings = MaxStyleSettings()
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict, device: torch.device = torch.device("cuda")):
-        report_desam_errors_in_one_line()
         super().__init__(plans, configuration, fold, dataset_json, device)
         if self.is_ddp:
             raise ConfigurationError("nnUNetTrainerMaxStyle trains an image decoder outside the DDP-wrapped network; train it on one GPU")

@@ -10,7 +10,6 @@ from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from torch._dynamo import OptimizedModule
 
-from nnunetv2_desam.console import report_desam_errors_in_one_line
 from nnunetv2_desam.environment_variables import sam_checkpoint_path
 from nnunetv2_desam.networks.medsam import MedSAM, PerClassDiceBCELoss
 from nnunetv2_desam.networks.sam_checkpoint import SAMConfig
@@ -40,7 +39,6 @@ class nnUNetTrainerMedSAM(nnUNetTrainerSAMFineTuning):
     @classmethod
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels, num_output_channels, enable_deep_supervision: bool = True) -> MedSAM:
         """Prediction: random weights in the geometry recorded at training (the checkpoint fills them). Training: the SAM file."""
-        report_desam_errors_in_one_line()
         cls.require_2d(configuration_manager)
         windows = intensity_windows_from_plans(plans_manager, configuration_manager)
         architecture = configuration_manager.configuration.get(SAM_ARCHITECTURE_KEY)

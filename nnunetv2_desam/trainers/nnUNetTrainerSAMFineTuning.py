@@ -4,14 +4,12 @@ nnU-Net imports this file as a top-level module from the folder in ``nnUNet_extT
 rest of the package is imported absolutely.
 """
 
-import os
-
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunetv2_desam.console import report_desam_errors_in_one_line
 from nnunetv2_desam.environment_variables import apply_training_overrides
 from nnunetv2_desam.errors import ConfigurationError
+from nnunetv2_desam.slim_checkpoint import drop_optimizer_moments, is_final_checkpoint, save_slim_checkpoint
 from nnunetv2_desam.trainers.nnUNetTrainerDeSAM import PAPER_BATCH_SIZE
 
 
@@ -33,7 +31,6 @@ class nnUNetTrainerSAMFineTuning(nnUNetTrainer):
     adamw_betas = (0.9, 0.999)  # both authors' AdamW (SAMed explicitly, MedSAM by PyTorch's default)
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict, device: torch.device = torch.device("cuda")):
-        report_desam_errors_in_one_line()
         if not type(self).method:
             raise ConfigurationError(f"{type(self).__name__} is the common part of nnUNetTrainerMedSAM and nnUNetTrainerSAMed; train one of those")
         super().__init__(plans, configuration, fold, dataset_json, device)
@@ -70,13 +67,12 @@ class nnUNetTrainerSAMFineTuning(nnUNetTrainer):
         return configuration
 
     def save_checkpoint(self, filename: str) -> None:
-        """As nnU-Net's; checkpoint_final.pth is then rewritten by :meth:`slim_final_checkpoint`."""
-        super().save_checkpoint(filename)
-        if os.path.basename(filename) == "checkpoint_final.pth" and self.local_rank == 0 and not self.disable_checkpointing:
-            checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
-            self.slim_final_checkpoint(checkpoint)
-            torch.save(checkpoint, filename)
+        """As nnU-Net's; checkpoint_final.pth is slimmed by :meth:`slim_final_checkpoint` and written once."""
+        if is_final_checkpoint(filename):
+            save_slim_checkpoint(super().save_checkpoint, filename, self.slim_final_checkpoint)
+        else:
+            super().save_checkpoint(filename)
 
     def slim_final_checkpoint(self, checkpoint: dict) -> None:
         """Drop AdamW's moments (2× the trained weights); the parameter groups stay, so ``--c`` still loads."""
-        checkpoint["optimizer_state"]["state"] = {}
+        drop_optimizer_moments(checkpoint)

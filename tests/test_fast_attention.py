@@ -151,12 +151,17 @@ def test_attention_without_relative_positions_matches_reference():
         assert max_relative_error(fused(tokens), reference(tokens)) <= FP32_TOLERANCE
 
 
-def test_standalone_module_has_reference_state_dict():
+def test_standalone_module_loads_the_reference_state_dict_and_then_computes_the_same():
+    torch.manual_seed(0)
     reference = Attention(32, num_heads=2, use_rel_pos=True, input_size=(4, 4))
+    torch.nn.init.normal_(reference.rel_pos_h), torch.nn.init.normal_(reference.rel_pos_w)  # zeros would hide a wrong bias
     fused = FusedRelPosAttention(32, num_heads=2, use_rel_pos=True, input_size=(4, 4))
     reference_state = reference.state_dict()
     assert list(fused.state_dict()) == list(reference_state)
     fused.load_state_dict(reference_state)
+    tokens = torch.randn(2, 4, 4, 32)
+    with torch.no_grad():
+        assert max_relative_error(fused(tokens), reference(tokens)) <= FP32_TOLERANCE
 
 
 def test_fusing_keeps_state_dict_keys_and_shares_parameters():

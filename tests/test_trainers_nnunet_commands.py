@@ -100,7 +100,9 @@ def test_find_best_configuration_compares_desam_with_the_baseline_and_its_instru
     information = json.loads((results / "inference_information.json").read_text())
     models = [f"{trainer}__nnUNetPlans__2d" for trainer in trainers]
     assert set(information["all_results"]) == {*models, f"ensemble___{models[0]}___{models[1]}___0"}
-    assert all(0.0 <= dice <= 1.0 for dice in information["all_results"].values())
+    for model in models:  # nnU-Net ranks each model by its own validation's mean foreground Dice
+        validation = json.loads((results / model / "fold_0" / "validation" / "summary.json").read_text())
+        assert information["all_results"][model] == pytest.approx(validation["foreground_mean"]["Dice"])
 
     images = root / "raw" / TARGET_NAME / "imagesTr"
     placeholders = {"INPUT_FOLDER": str(images), "OUTPUT_FOLDER_PP": str(root / "best_pp")}
@@ -179,12 +181,17 @@ def test_prediction_without_sam_variable_uses_lite_medsam_and_refuses_weights_tr
     assert not list(tmp_path.glob("*.nii.gz"))
 
 
-def test_training_with_a_missing_sam_file_is_refused(workspace, tmp_path):
+def test_training_with_a_missing_sam_file_is_refused_before_nnunet_starts(workspace, tmp_path):
+    """Checked before nnU-Net's trainer starts: no nnU-Net preamble, no (empty) training log left behind."""
     root, env = workspace
     env = {**env, "DESAM_SAM_CHECKPOINT": str(tmp_path / "sam_vit_h_4b8939.pth")}
+    folder = fold_folder(root, "nnUNetTrainerDeSAM")
+    logs_before = set(folder.glob("training_log_*.txt")) if folder.is_dir() else set()
     result = run(["nnUNetv2_train", str(SOURCE), "2d", "0", "-tr", "nnUNetTrainerDeSAM", "-device", "cpu"], env, expect_success=False)
     assert result.returncode != 0
     assert "SAM checkpoint not found" in result.stderr and "Traceback" not in result.stderr
+    assert "Using device" not in result.stdout and "configuration used by this training" not in result.stdout  # the trainer's preamble
+    assert (set(folder.glob("training_log_*.txt")) if folder.is_dir() else set()) == logs_before
 
 
 def test_3d_configuration_is_refused(workspace):

@@ -44,7 +44,7 @@ PROMPT_CHUNK_SIZE = 27  # image·prompt pairs per PRIM/PDMM pass, whatever the b
 
 @dataclass(frozen=True)
 class DeSAMSettings:
-    """Which DeSAM: the prompt mode and the paper's Table 1 ablation switches."""
+    """Which DeSAM: the prompt mode and the paper's Table 1 ablation switches (``prompt_mode="none"``: PDMM alone, no PRIM)."""
 
     prompt_mode: str = "points"
     use_prim: bool = True
@@ -54,8 +54,10 @@ class DeSAMSettings:
     grid_aggregation: str = "gated"
 
     def __post_init__(self):
-        if self.prompt_mode not in ("points", "box"):
-            raise ValueError(f"prompt_mode must be 'points' or 'box', got {self.prompt_mode!r}")
+        if self.prompt_mode not in ("points", "box", "none"):
+            raise ValueError(f"prompt_mode must be 'points', 'box' or 'none', got {self.prompt_mode!r}")
+        if (self.prompt_mode == "none") != (not self.use_prim):
+            raise ValueError("prompt_mode 'none' goes with use_prim=False: without PRIM no prompt reaches the network")
         if self.prompt_mode == "box" and self.use_iou_head:
             raise ValueError("box mode has a single prompt per image: it has no IoU head (use_iou_head=False)")
         if not self.use_prim and (self.use_iou_head or self.fuse_mask_embedding):

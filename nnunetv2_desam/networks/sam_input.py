@@ -8,10 +8,11 @@ into what SAM was trained on:
    SAM's 0–255 (clipped). The map is the same for every patch, so every tile and slice of a case
    is mapped identically (nnU-Net normalised the case once) and nnU-Net's brightness, contrast
    and gamma augmentations reach the encoder. The window follows the channel's nnU-Net scheme
-   (:func:`intensity_windows`): z-scored channels get ``ZSCORE_WINDOW`` = [-1, 6], the narrowest
+   (:func:`intensity_windows`): z-scored channels get ``ZSCORE_WINDOW`` = [-1, 4.5], the narrowest
    window in half units that holds the 0.5 and 99.5 percentiles (the authors' per-volume window)
-   of every real case measured, 12 CT and 10 MR abdominal and one prostate MR
-   (``scripts/intensity_percentiles.py``); CTNormalization channels get exactly the range nnU-Net
+   of every real abdominal case measured, 12 CT and 10 MR (``scripts/intensity_percentiles.py``);
+   with the pretrained LiteMedSAM it gives the box-prompted Dice of LiteMedSAM's own pipeline
+   (``scripts/litemedsam_window_sweep.py``); CTNormalization channels get exactly the range nnU-Net
    clipped them to (the dataset's foreground 0.5–99.5 percentiles in
    z-units); [0, 1]-rescaled channels get [0, 1].
 2. **Channels.** C channels become SAM's three through a fixed mixing matrix
@@ -39,7 +40,7 @@ from torch import nn
 
 from nnunetv2_desam.errors import ConfigurationError
 
-ZSCORE_WINDOW = (-1.0, 6.0)  # z-scores mapped to SAM's 0 and 255
+ZSCORE_WINDOW = (-1.0, 4.5)  # z-scores mapped to SAM's 0 and 255
 UNIT_WINDOW = (0.0, 1.0)
 UNIT_RANGE_SCHEMES = ("RescaleTo01Normalization", "RGBTo01Normalization")
 UNIT_RANGE_STATISTICS = ((0.0, 0.0, 0.0), (255.0, 255.0, 255.0))  # 0–255 → [0, 1], no mean/std

@@ -22,6 +22,7 @@ from nnunetv2_desam.errors import ConfigurationError
 from nnunetv2_desam.networks.desam import DeSAM, DeSAMSettings
 from nnunetv2_desam.networks.prompts import iou_loss_per_class, sample_training_points
 from nnunetv2_desam.networks.sam_input import intensity_windows_from_plans
+from nnunetv2_desam.trainer_checks import check_before_nnunet_starts, require_2d
 from nnunetv2_desam.slim_checkpoint import drop_optimizer_moments, is_final_checkpoint, save_slim_checkpoint
 from nnunetv2_desam.training_step import autocast_on_cuda, backward_and_step
 
@@ -44,9 +45,8 @@ class nnUNetTrainerDeSAM(nnUNetTrainer):
     deep_supervision_weights = (2.0 / 3.0, 1.0 / 3.0)
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict, device: torch.device = torch.device("cuda")):
+        check_before_nnunet_starts(plans, configuration, "DeSAM")
         super().__init__(plans, configuration, fold, dataset_json, device)
-        if len(self.configuration_manager.patch_size) != 2:
-            raise ConfigurationError(f"DeSAM is a 2D method, use -c 2d (got configuration '{configuration}')")
         if self.label_manager.has_regions:
             raise ConfigurationError("region-based datasets are not supported by DeSAM's softmax PDMM; use plain labels")
         self.initial_lr = learning_rate_from_environment(PAPER_LEARNING_RATE)
@@ -62,8 +62,7 @@ class nnUNetTrainerDeSAM(nnUNetTrainer):
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels, num_output_channels, enable_deep_supervision: bool = True) -> DeSAM:
         """The SAM file comes from DESAM_SAM_CHECKPOINT, the grid from DESAM_GRID_SIZE and DESAM_GRID_AGGREGATION,
         the intensity windows from the plans (called by the trainer and by nnUNetv2_predict, so both map intensities alike)."""
-        if len(configuration_manager.patch_size) != 2:
-            raise ConfigurationError("DeSAM is a 2D method, use -c 2d")
+        require_2d(configuration_manager.patch_size, "DeSAM")
         default = cls.desam_settings
         settings = DeSAMSettings(**{
             **default.to_dict(),

@@ -3,15 +3,19 @@
 nnU-Net imports this file as a top-level module; the rest of the package is imported absolutely.
 """
 
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
 from nnunetv2_desam.networks.desam import DeSAMSettings
 from nnunetv2_desam.trainers.nnUNetTrainerDeSAM import nnUNetTrainerDeSAM
-from nnunetv2_desam.trainers.nnUNetTrainerDeSAM_Box import nnUNetTrainerDeSAM_Box
 
 
-class nnUNetTrainerDeSAM_PDMMOnly(nnUNetTrainerDeSAM_Box):
-    """Table 1, setting 1: PDMM on the encoder taps alone, no PRIM (no prompts at all)."""
+class nnUNetTrainerDeSAM_PDMMOnly(nnUNetTrainerDeSAM):
+    """Table 1, setting 1: PDMM on the encoder taps alone, no PRIM (no prompts at all); Dice + CE (nnU-Net's own train_step)."""
 
-    desam_settings = DeSAMSettings(prompt_mode="points", use_prim=False, use_iou_head=False, fuse_mask_embedding=False)
+    desam_settings = DeSAMSettings(prompt_mode="none", use_prim=False, use_iou_head=False, fuse_mask_embedding=False)
+
+    def train_step(self, batch: dict) -> dict:
+        return nnUNetTrainer.train_step(self, batch)
 
 
 class nnUNetTrainerDeSAM_NoIoUHead(nnUNetTrainerDeSAM):

@@ -9,6 +9,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunetv2_desam.environment_variables import apply_training_overrides
 from nnunetv2_desam.errors import ConfigurationError
+from nnunetv2_desam.trainer_checks import check_before_nnunet_starts, require_2d
 from nnunetv2_desam.slim_checkpoint import drop_optimizer_moments, is_final_checkpoint, save_slim_checkpoint
 from nnunetv2_desam.trainers.nnUNetTrainerDeSAM import PAPER_BATCH_SIZE
 
@@ -33,8 +34,8 @@ class nnUNetTrainerSAMFineTuning(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict, device: torch.device = torch.device("cuda")):
         if not type(self).method:
             raise ConfigurationError(f"{type(self).__name__} is the common part of nnUNetTrainerMedSAM and nnUNetTrainerSAMed; train one of those")
+        check_before_nnunet_starts(plans, configuration, type(self).method)
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.require_2d(self.configuration_manager, configuration)
         if self.label_manager.has_regions:
             raise ConfigurationError(f"region-based datasets are not supported by {self.method}; use plain labels")
         self.enable_deep_supervision = False
@@ -47,9 +48,7 @@ class nnUNetTrainerSAMFineTuning(nnUNetTrainer):
 
     @classmethod
     def require_2d(cls, configuration_manager, configuration: str = "") -> None:
-        if len(configuration_manager.patch_size) != 2:
-            got = f" (got configuration '{configuration}')" if configuration else ""
-            raise ConfigurationError(f"{cls.method} is a 2D method, use -c 2d{got}")
+        require_2d(configuration_manager.patch_size, cls.method, configuration)
 
     def set_deep_supervision_enabled(self, enabled: bool) -> None:
         """One output: there is nothing to switch (nnU-Net's version expects ``network.decoder``)."""

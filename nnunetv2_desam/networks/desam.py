@@ -7,12 +7,13 @@ evaluation use it unchanged. Everything SAM needs happens inside:
 1. **SAM input** (:mod:`~nnunetv2_desam.networks.sam_input`): a fixed window of nnU-Net's
    normalised intensities → 0–255 (the same map for every tile and slice of a case, so nnU-Net's
    intensity augmentations reach the encoder), channels → RGB through a fixed mixing matrix,
-   SAM's longest-side resize to the encoder input (e.g. 1024, aspect ratio kept, padded), SAM's
-   pixel normalisation.
-2. **Encoder**, frozen: three taps and the image embedding.
+   SAM's longest-side resize to the encoder input (1024, LiteMedSAM 256; aspect ratio kept,
+   padded), the pixel normalisation the encoder was pretrained with (SAM's; [0, 1] for LiteMedSAM).
+2. **Encoder**, frozen, of the checkpoint's family (ViT-B/L/H, MobileSAM, LiteMedSAM): three taps
+   and the image embedding (``sam_backbone.build_backbone``).
 3. **Prompts.** Automatic: the whole-image box (``prompt_mode="box"``, DeSAM-B) or an N×N point
    grid (``prompt_mode="points"``, DeSAM-P). Training passes explicit point prompts.
-4. **Size back.** PDMM's output (a quarter of the encoder input) returns to H×W like SAM's
+4. **Size back.** PDMM's output (256², a quarter of a 1024 input) returns to H×W like SAM's
    ``postprocess_masks``: upsampled to the encoder input, padding cropped, resized.
 
 **Combining grid prompts** (``settings.grid_aggregation``, see ``grid_aggregation``): by default a
@@ -135,7 +136,7 @@ class DeSAM(nn.Module):
 
     @classmethod
     def from_sam_checkpoint(cls, path: str, num_input_channels: int, num_classes: int, **kwargs) -> "DeSAM":
-        """Build from an official-layout SAM file (ViT-B/L/H or smaller); the file decides the size.
+        """Build from a SAM file (ViT-B/L/H or smaller, MobileSAM, LiteMedSAM); the file decides the encoder.
 
         The file's fingerprint is hashed once and then read from a cache while the file is unchanged
         (:mod:`~nnunetv2_desam.networks.fingerprint_cache`).

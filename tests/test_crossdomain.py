@@ -93,9 +93,14 @@ def test_target_equal_to_source_is_refused(nnunet_env, capsys):
     assert_one_line_error(capsys, run_main(["-s", "901", "-t", SOURCE]), 2, "source")
 
 
-def test_desam_trainers_need_the_sam_checkpoint(nnunet_env, capsys):
+def test_desam_trainers_without_the_variable_are_checked_against_the_packaged_lite_medsam(nnunet_env, capsys):
+    """Unset, the trainers will use the packaged LiteMedSAM: the up-front check reads (and verifies) that file."""
+    from nnunetv2_desam.networks import default_sam_checkpoint
+
     write_domains(nnunet_env)
-    assert_one_line_error(capsys, run_main(["-s", "901", "-t", "902"]), 2, "DESAM_SAM_CHECKPOINT")
+    default_sam_checkpoint.packaged_litemedsam.cache_clear()
+    assert "nnUNetTrainerDeSAM" in experiment(["-s", "901", "-t", "902"]).trainers
+    assert "DESAM_SAM_CHECKPOINT is unset: using the packaged LiteMedSAM" in capsys.readouterr().out
 
 
 def test_missing_sam_checkpoint_file_is_refused(nnunet_env, monkeypatch, capsys):

@@ -24,17 +24,21 @@ def test_learning_rate_refuses_anything_but_a_positive_number(value):
         learning_rate_from_environment(1e-4, {LEARNING_RATE_VARIABLE: value})
 
 
-@pytest.mark.parametrize("epochs, save_every", [(None, 50), ("1000", 50), ("40", 2), ("6", 1)])
-def test_a_shortened_budget_saves_checkpoint_latest_as_often_per_run_as_nnunet(workspace, epochs, save_every):
-    """nnU-Net saves checkpoint_latest.pth every 50 of 1000 epochs; a 40-epoch run would never save one and ``--c``
-    would fall back to the best epoch."""
-    root, _ = workspace
+def trainer_with_epochs(trainer_class, root, epochs):
+    """``trainer_class`` as nnUNetv2_train builds it from the workspace, with DESAM_EPOCHS set to ``epochs`` (None: unset)."""
     plans, dataset_json = trainer_arguments(root)
     with mock.patch.dict(os.environ, nnunet_folders(root)):
         os.environ.pop("DESAM_EPOCHS", None)
         if epochs is not None:
             os.environ["DESAM_EPOCHS"] = epochs
-        trainer = nnUNetTrainerBudget(plans, "2d", 0, dataset_json, device=torch.device("cpu"))
+        return trainer_class(plans, "2d", 0, dataset_json, device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("epochs, save_every", [(None, 50), ("1000", 50), ("40", 2), ("6", 1)])
+def test_a_shortened_budget_saves_checkpoint_latest_as_often_per_run_as_nnunet(workspace, epochs, save_every):
+    """nnU-Net saves checkpoint_latest.pth every 50 of 1000 epochs; a 40-epoch run would never save one and ``--c``
+    would fall back to the best epoch."""
+    trainer = trainer_with_epochs(nnUNetTrainerBudget, workspace[0], epochs)
     assert trainer.save_every == save_every
 
 
@@ -43,11 +47,5 @@ def test_desams_own_budget_keeps_nnunets_save_interval_until_a_variable_shortens
     """DeSAM's default of 50 epochs is its budget, not a shortened run: no variable, no extra checkpoint_latest.pth writes."""
     from nnunetv2_desam.trainers.nnUNetTrainerDeSAM import nnUNetTrainerDeSAM
 
-    root, _ = workspace
-    plans, dataset_json = trainer_arguments(root)
-    with mock.patch.dict(os.environ, nnunet_folders(root)):
-        os.environ.pop("DESAM_EPOCHS", None)
-        if epochs is not None:
-            os.environ["DESAM_EPOCHS"] = epochs
-        trainer = nnUNetTrainerDeSAM(plans, "2d", 0, dataset_json, device=torch.device("cpu"))
+    trainer = trainer_with_epochs(nnUNetTrainerDeSAM, workspace[0], epochs)
     assert trainer.num_epochs == int(epochs or 50) and trainer.save_every == save_every

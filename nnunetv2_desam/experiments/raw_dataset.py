@@ -23,7 +23,6 @@ turns it into that line on stderr and exit status 2.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import os
 import re
@@ -41,6 +40,7 @@ from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_j
 
 from nnunetv2_desam.console import run_console_command
 from nnunetv2_desam.errors import ConversionError
+from nnunetv2_desam.networks.default_sam_checkpoint import file_sha256
 
 FILE_ENDING = ".nii.gz"
 MANIFEST_FILE = "desam_conversion.json"
@@ -241,11 +241,7 @@ def _describe_source(case: SourceCase, path: Path, input_root: Path) -> dict:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_sha256(str(path))
 
 
 def _how_it_differs(target: Path, manifest: dict, cases: Sequence[SourceCase]) -> str | None:

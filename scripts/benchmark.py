@@ -13,8 +13,9 @@ Rows (each times its variants interleaved, repeat by repeat, and reports medians
   reference = ``fused_attention=False``; baseline = ``nnUNetTrainer.train_step`` on nnU-Net's 2d
   PlainConvUNet (SGD, deep supervision), as nnU-Net plans it for the patch.
 * ``grid_inference``: 9×9-grid inference of one slice, encoder included. ours = fused attention +
-  prompt-shared PDMM, prompts in chunks of ``PROMPT_CHUNK_SIZE``; reference = ``fused_attention=False,
-  prompt_shared_decoding=False`` (PDMM once per prompt, as the authors do), all 81 prompts at once.
+  prompt-shared PDMM for the prompts that pass the gate, prompts in chunks of ``PROMPT_CHUNK_SIZE``; reference =
+  ``fused_attention=False, prompt_shared_decoding=False, skip_gated_off_prompts=False`` (PDMM once per prompt and for
+  every prompt, as the authors do), all 81 prompts at once.
   Checks that prompt-shared decoding gives the same segmentation. Baseline: PlainConvUNet forward at
   batch 1.
 * ``predict_volume``: nnU-Net's sliding-window prediction (``nnUNetPredictor``) of a volume, test-time

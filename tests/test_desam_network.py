@@ -1,10 +1,12 @@
 """The DeSAM module: equality with segment_anything's own modules, shapes, freezing, ablations."""
 
+from unittest import mock
+
 import pytest
 import torch
 from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
 
-from nnunetv2_desam.networks.desam import DeSAM, DeSAMSettings, prompt_passes
+from nnunetv2_desam.networks.desam import DeSAM, DeSAMSettings, prompt_passes, prompts_that_count
 from nnunetv2_desam.networks.prompts import grid_points
 from nnunetv2_desam.networks.pdmm import PDMM
 from nnunetv2_desam.errors import SAMCheckpointError
@@ -31,8 +33,9 @@ def reference_sam(sam_state_dict):
 
 
 def make_desam(sam_state_dict, channels=1, classes=3, settings=FULL, **kwargs) -> DeSAM:
+    """Seeded; the encoder in fp32 (these tests compare with segment_anything's modules to 1e-5)."""
     torch.manual_seed(0)
-    return DeSAM(sam_state_dict, channels, classes, settings, **kwargs)
+    return DeSAM(sam_state_dict, channels, classes, settings, **{"cpu_bf16_encoder": False, **kwargs})
 
 
 def test_encoder_taps_match_a_hand_written_pass_through_segment_anything_blocks(sam_state_dict, reference_sam):
@@ -206,13 +209,13 @@ def test_pdmm_size_matches_the_reference_for_vit_h():
 RULES = {"gated": 3, "mean": 3, "authors": 2}  # rule: classes (the authors' sequence is binary)
 
 
-def spread_iou_head(network: DeSAM, x: torch.Tensor, centres=(0.5, 0.4)) -> None:
-    """A set IoU head: its last layer ×10 and shifted so that the grid prompts' IoUs on ``x`` have the given
+def spread_iou_head(network: DeSAM, x: torch.Tensor, centres=(0.5, 0.4), scale=10.0) -> None:
+    """A set IoU head: its last layer ×``scale`` and shifted so that the grid prompts' IoUs on ``x`` have the given
     median per class; the prompts then score on both sides of the 0.5 threshold."""
     layer = network.prim.iou_prediction_head.seg_layers[0]
     points = grid_points(network.settings.grid_size, tuple(x.shape[-2:])).expand(x.shape[0], -1, -1)
     with torch.no_grad():
-        layer.weight.mul_(10.0), layer.bias.mul_(10.0)
+        layer.weight.mul_(scale), layer.bias.mul_(scale)
         _, iou = network(x, points=points)
         layer.bias.add_(torch.tensor(centres[: iou.shape[-1]]) - iou.flatten(0, 1).median(0).values)
 
@@ -242,6 +245,42 @@ def test_prompt_shared_decoding_equals_decoding_every_prompt_independently(sam_s
     with torch.no_grad():
         fast, slow = shared(x), reference(x)
     assert_same_combination(fast, slow)
+
+
+@pytest.mark.parametrize("rule", ["gated", "authors"])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per-prompt"])
+def test_skipping_gated_off_prompts_equals_decoding_every_prompt(sam_state_dict, rule, shared):
+    """2 images × 5×5 grid, IoUs on both sides of 0.5 and the two classes' IoUs ranking the prompts in opposite
+    order (so some prompts pass for one class only): PDMM only for the prompts that pass gives the same result."""
+    x = torch.randn(2, 1, 96, 80, generator=torch.Generator().manual_seed(0))
+    skipping, reference = grid_pair(sam_state_dict, FULL, rule, x, {"skip_gated_off_prompts": False, "prompt_shared_decoding": shared},
+                                    prompt_shared_decoding=shared, prompt_chunk_size=10)
+    points = grid_points(5, (96, 80)).expand(2, -1, -1)
+    with torch.no_grad():
+        if rule == "gated":
+            layer = skipping.prim.iou_prediction_head.seg_layers[0]
+            layer.weight[1] = -layer.weight[0]
+            spread_iou_head(skipping, x, centres=(0.3, 0.3), scale=1.0)
+            reference.load_state_dict(skipping.state_dict())
+        _, iou = reference(x, points=points)
+        counting = prompts_that_count(iou, rule)
+        assert 0 < int(counting.sum()) < counting.numel()  # some prompts are skipped, some decoded
+        assert rule != "gated" or bool(((iou > 0.5).sum(-1) == 1).any())  # some pass for one class only
+        with mock.patch.object(skipping.decoder, "decode", wraps=skipping.decoder.decode) as decode:
+            assert_same_combination(skipping(x), reference(x))
+    assert sum(call.args[1].shape[0] for call in decode.call_args_list) == int(counting.sum())  # mask embeddings decoded
+
+
+def test_a_grid_where_no_prompt_passes_is_background_without_decoding(sam_state_dict):
+    x = torch.randn(1, 1, 64, 64)
+    network = make_desam(sam_state_dict, settings=DeSAMSettings(grid_size=3)).eval()
+    head = network.prim.iou_prediction_head.seg_layers[0]
+    with torch.no_grad():
+        head.weight.zero_(), head.bias.fill_(-5.0)
+        with mock.patch.object(network.decoder, "decode", wraps=network.decoder.decode) as decode:
+            output = network(x)
+    assert decode.call_count == 0
+    assert output.shape == (1, 3, 64, 64) and bool((output.argmax(1) == 0).all())
 
 
 def test_fused_encoder_attention_equals_segment_anything_attention(sam_state_dict):

@@ -10,7 +10,7 @@ from nnunetv2_desam.environment_variables import sam_checkpoint_path
 from nnunetv2_desam.errors import SAMCheckpointError
 from nnunetv2_desam.experiments.random_sam_checkpoint import write_random_mobile_sam_checkpoint
 from nnunetv2_desam.networks import default_sam_checkpoint
-from nnunetv2_desam.networks.desam import DeSAM, DeSAMSettings
+from nnunetv2_desam.networks.desam import DeSAM, DeSAMSettings, cpu_has_native_bf16
 from nnunetv2_desam.networks.medsam import MedSAM
 from nnunetv2_desam.networks.pdmm import tap_up_steps
 from nnunetv2_desam.networks.sam_checkpoint import SAMConfig, load_sam_state_dict, sam_fingerprint
@@ -47,6 +47,27 @@ def test_lite_medsam_backbone_embedding_is_the_library_encoders_and_pdmm_is_full
     assert [tuple(t.shape) for t in taps] == [(1, 128, 128, 128), (1, 160, 64, 64), (1, 320, 64, 64)]
     torch.testing.assert_close(embedding, expected, atol=1e-5, rtol=0)
     assert logits.shape == (1, 3, 256, 256)
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16: the encoder runs in fp32")
+def test_the_encoder_runs_in_bf16_on_this_cpu_and_stays_close_to_fp32(lite_medsam_desam):
+    """The default CPU path autocasts the frozen encoder to bf16 (what the benchmark times) and hands fp32 on. On noise
+    the taps move by a few per cent; what matters, the box-prompted Dice, is compared in test_litemedsam_input."""
+    x = torch.randn(2, 1, 96, 80, generator=torch.Generator().manual_seed(2))
+    seen = []
+    hook = lite_medsam_desam.image_encoder.encoder.neck[0].register_forward_hook(lambda module, args, output: seen.append(output.dtype))
+    try:
+        with torch.no_grad():
+            taps, embedding = lite_medsam_desam.encode_image(x)
+            lite_medsam_desam.cpu_bf16_encoder = False
+            taps_fp32, embedding_fp32 = lite_medsam_desam.encode_image(x)
+    finally:
+        lite_medsam_desam.cpu_bf16_encoder = True
+        hook.remove()
+    assert seen == [torch.bfloat16, torch.float32]
+    assert embedding.dtype == torch.float32 and all(t.dtype == torch.float32 for t in taps)
+    for ours, reference in zip([*taps, embedding], [*taps_fp32, embedding_fp32]):
+        assert 0 < ((ours - reference).norm() / reference.norm()).item() < 0.1
 
 
 def test_lite_medsam_input_is_the_unit_range_without_sam_statistics(lite_medsam_desam):

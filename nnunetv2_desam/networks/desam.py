@@ -22,14 +22,16 @@ class probabilities are averaged, and a tile where none passes is background. Th
 returned as log-probabilities, whose softmax is the combined segmentation.
 """
 
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from nnunetv2_desam.networks.fast_attention import fuse_encoder_attention
-from nnunetv2_desam.networks.grid_aggregation import GridAggregator, check_grid_aggregation
+from nnunetv2_desam.networks.grid_aggregation import IOU_THRESHOLD, GridAggregator, check_grid_aggregation
 from nnunetv2_desam.networks.fingerprint_cache import load_sam_state_dict_and_fingerprint
 from nnunetv2_desam.networks.frozen_sam_weights import keep_frozen_sam_weights_out_of_checkpoints, recorded_fingerprint
 from nnunetv2_desam.networks.pdmm import PDMM
@@ -87,8 +89,12 @@ class DeSAM(nn.Module):
 
     The two speed-ups keep their plain versions as test oracles and benchmark baselines:
     ``fused_attention`` (SDPA with the relative-position bias folded in, see ``fast_attention``;
-    off = segment_anything's own attention) and ``prompt_shared_decoding`` (PDMM's image-only
-    branches run once per image, not once per grid prompt). Grid prompts go through PRIM and
+    off = segment_anything's own attention), ``prompt_shared_decoding`` (PDMM's image-only
+    branches run once per image, not once per grid prompt) and ``skip_gated_off_prompts`` (under
+    the ``gated`` and ``authors`` rules PDMM decodes only the grid prompts whose predicted IoU
+    passes 0.5: the others cannot change the result, see :func:`prompts_that_count`). The encoder
+    runs under bf16 autocast on CPUs with native bf16 (``cpu_bf16_encoder``, see
+    :func:`encoder_autocast`; off = fp32, the reference). Grid prompts go through PRIM and
     PDMM ``prompt_chunk_size`` image·prompt pairs at a time, which bounds memory for any grid
     and batch size. ``intensity_windows``: one (low, high) of nnU-Net's normalised units per input
     channel (:func:`~nnunetv2_desam.networks.sam_input.intensity_windows` reads them off the plans).
@@ -102,6 +108,8 @@ class DeSAM(nn.Module):
         settings: DeSAMSettings = DeSAMSettings(),
         prompt_shared_decoding: bool = True,
         fused_attention: bool = True,
+        skip_gated_off_prompts: bool = True,
+        cpu_bf16_encoder: bool = True,
         prompt_chunk_size: int = PROMPT_CHUNK_SIZE,
         intensity_windows: Optional[Sequence[Tuple[float, float]]] = None,
         fingerprint: Optional[str] = None,
@@ -114,6 +122,8 @@ class DeSAM(nn.Module):
         self.sam_config = config
         self.num_classes = num_classes
         self.prompt_shared_decoding = prompt_shared_decoding
+        self.skip_gated_off_prompts = skip_gated_off_prompts
+        self.cpu_bf16_encoder = cpu_bf16_encoder
         self.prompt_chunk_size = prompt_chunk_size
         self.image_encoder = build_backbone(config, sam_state_dict)
         if fused_attention and config.family == "vit":
@@ -153,6 +163,13 @@ class DeSAM(nn.Module):
         for name in FROZEN_MODULES:
             getattr(self, name).eval()
         return self
+
+    def encode_image(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor]:
+        """Patch B×C×H×W → the frozen encoder's taps and embedding (float32 whatever the autocast inside)."""
+        images = self.sam_input(x)
+        with encoder_autocast(x.device, self.cpu_bf16_encoder):
+            taps, embedding = self.image_encoder(images)
+        return [t.float() for t in taps], embedding.float()
 
     def encode_prompts(
         self,
@@ -209,7 +226,7 @@ class DeSAM(nn.Module):
         """
         batch, _, height, width = x.shape
         with torch.no_grad():
-            taps, embedding = self.image_encoder(self.sam_input(x))
+            taps, embedding = self.encode_image(x)
         iou = None
         if self.prim is None:
             outputs = _as_list(self.decoder(taps))
@@ -244,7 +261,7 @@ class DeSAM(nn.Module):
             mask_embedding, iou = self.prim(embedding[images], dense_pe, pass_sparse.flatten(0, 1), pass_dense.flatten(0, 1))
             iou = None if iou is None else iou.view(-1, count, iou.shape[-1])
             pass_features = None if features is None else [f[images] for f in features]
-            logits = _as_list(self._decode([t[images] for t in taps], pass_features, mask_embedding, count))
+            logits = self._decode_counting_prompts([t[images] for t in taps], pass_features, mask_embedding, iou, count)
             if aggregators is None:
                 aggregators = [GridAggregator(self.settings.grid_aggregation, batch, prompts_per_image) for _ in logits]
                 ious = None if iou is None else iou.new_zeros(batch, prompts_per_image, iou.shape[-1])
@@ -253,6 +270,29 @@ class DeSAM(nn.Module):
             if iou is not None:
                 ious[images, prompts] = iou
         return [aggregator.result() for aggregator in aggregators], ious
+
+    def _decode_counting_prompts(self, taps, features, mask_embedding, iou, prompts_per_image) -> List[torch.Tensor]:
+        """PDMM for n images × P prompts → logits [(n·P)×K×h×w, …], decoding only the prompts that can count.
+
+        With ``skip_gated_off_prompts`` and a gating rule, the prompts that :func:`prompts_that_count` rules
+        out get zero logits instead of PDMM's (the rule ignores them); PDMM, the grid's dominant cost,
+        runs image by image on the others.
+        """
+        counting = prompts_that_count(iou, self.settings.grid_aggregation) if self.skip_gated_off_prompts else None
+        if counting is None or bool(counting.all()):
+            return _as_list(self._decode(taps, features, mask_embedding, prompts_per_image))
+        sides = self.decoder.output_sides(mask_embedding.shape[-1])
+        outputs = [mask_embedding.new_zeros(counting.numel(), self.num_classes, side, side) for side in sides]
+        for image, rows in enumerate(counting):
+            kept = rows.nonzero().flatten()
+            if len(kept) == 0:
+                continue
+            image_features = None if features is None else [f[image: image + 1] for f in features]
+            decoded = self._decode([t[image: image + 1] for t in taps], image_features,
+                                   mask_embedding[image * prompts_per_image + kept], len(kept))
+            for output, part in zip(outputs, _as_list(decoded)):
+                output[image * prompts_per_image + kept] = part
+        return outputs
 
     def _decode(self, taps, features, mask_embedding, prompts_per_image):
         """PDMM per prompt; image-only ``features`` (PDMM.encode_taps) are shared across prompts, or
@@ -274,6 +314,31 @@ def prompt_passes(batch: int, prompts_per_image: int, pairs_per_pass: int) -> Li
         return [(slice(start, start + images), slice(None)) for start in range(0, batch, images)]
     return [(slice(image, image + 1), slice(start, start + pairs_per_pass))
             for image in range(batch) for start in range(0, prompts_per_image, pairs_per_pass)]
+
+
+def prompts_that_count(iou: Optional[torch.Tensor], rule: str) -> Optional[torch.Tensor]:
+    """n×P bool: the grid prompts whose PDMM output the rule can use, from IoUs n×P×(K-1); None: all of them.
+
+    ``gated`` ignores a prompt whose IoU is ≤ 0.5 for every class (it votes for none), ``authors`` one whose
+    first IoU is ≤ 0.5 (it is dropped before NMS); ``mean`` weights every prompt, and without an IoU head
+    every prompt votes.
+    """
+    if iou is None or rule == "mean":
+        return None
+    passed = iou.float() > IOU_THRESHOLD
+    return passed.any(-1) if rule == "gated" else passed[..., 0]
+
+
+def encoder_autocast(device: torch.device, cpu_bf16: bool):
+    """bf16 autocast for the frozen encoder on a CPU with native bf16 (oneDNN's AVX512-BF16/AMX kernels), if
+    ``cpu_bf16``; elsewhere nothing (on CUDA nnU-Net's own autocast already covers the whole forward)."""
+    enabled = cpu_bf16 and device.type == "cpu" and cpu_has_native_bf16()
+    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else nullcontext()
+
+
+@lru_cache(maxsize=None)
+def cpu_has_native_bf16() -> bool:
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def _as_list(outputs) -> List[torch.Tensor]:

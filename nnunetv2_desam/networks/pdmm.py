@@ -132,6 +132,10 @@ class PDMM(nn.Module):
         logits = self.seg_layers[0](x)
         return [logits, middle_logits] if self.deep_supervision else logits
 
+    def output_sides(self, grid: int) -> List[int]:
+        """Sides of :meth:`decode`'s outputs for a G×G mask embedding: [4G], or [4G, 2G] with deep supervision."""
+        return [4 * grid, 2 * grid] if self.deep_supervision else [4 * grid]
+
     @staticmethod
     def _fuse(block: BasicBlockD, inputs: List[torch.Tensor], prompts_per_image: int) -> torch.Tensor:
         if prompts_per_image == 1:

@@ -9,28 +9,24 @@ import zlib
 import torch
 
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunetv2_desam.environment_variables import (
-    apply_training_overrides,
     grid_aggregation_from_environment,
     grid_size_from_environment,
     learning_rate_from_environment,
     sam_checkpoint_path,
 )
-from nnunetv2_desam.errors import ConfigurationError
 from nnunetv2_desam.networks.desam import DeSAM, DeSAMSettings
 from nnunetv2_desam.networks.prompts import iou_loss_per_class, sample_training_points
 from nnunetv2_desam.networks.sam_input import intensity_windows_from_plans
-from nnunetv2_desam.trainer_checks import check_before_nnunet_starts, require_2d
-from nnunetv2_desam.slim_checkpoint import drop_optimizer_moments, is_final_checkpoint, save_slim_checkpoint
+from nnunetv2_desam.trainer_checks import require_2d
+from nnunetv2_desam.trainers.nnUNetTrainerSAMSetting import nnUNetTrainerSAMSetting
 from nnunetv2_desam.training_step import autocast_on_cuda, backward_and_step
 
-PAPER_BATCH_SIZE = 8
 PAPER_LEARNING_RATE = 1e-4
 
 
-class nnUNetTrainerDeSAM(nnUNetTrainer):
+class nnUNetTrainerDeSAM(nnUNetTrainerSAMSetting):
     """DeSAM-P: one random point per sample in training, a 9×9 grid at inference; Dice + CE + 10·MSE(IoU).
 
     Paper settings: Adam, lr 1e-4, batch 8, poly decay, only PRIM/PDMM in the optimizer. Budget:
@@ -40,21 +36,15 @@ class nnUNetTrainerDeSAM(nnUNetTrainer):
     batch size and learning rate.
     """
 
+    method = "DeSAM"
     desam_settings = DeSAMSettings(prompt_mode="points")
     iou_loss_weight = 10.0
     deep_supervision_weights = (2.0 / 3.0, 1.0 / 3.0)
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict, device: torch.device = torch.device("cuda")):
-        check_before_nnunet_starts(plans, configuration, "DeSAM")
         super().__init__(plans, configuration, fold, dataset_json, device)
-        if self.label_manager.has_regions:
-            raise ConfigurationError("region-based datasets are not supported by DeSAM's softmax PDMM; use plain labels")
         self.initial_lr = learning_rate_from_environment(PAPER_LEARNING_RATE)
         self.weight_decay = 0.0
-        self.num_epochs = 50
-        self.num_iterations_per_epoch = 100
-        self.configuration_manager.configuration["batch_size"] = PAPER_BATCH_SIZE
-        apply_training_overrides(self)
         self.prompt_generator = torch.Generator()
         self.seed_training_prompts()
 
@@ -90,12 +80,6 @@ class nnUNetTrainerDeSAM(nnUNetTrainer):
         optimizer = torch.optim.Adam(trainable, lr=self.initial_lr, weight_decay=self.weight_decay)
         return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
 
-    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
-        """Mirroring stays a training augmentation; test-time mirroring is off (4× the inference cost)."""
-        configuration = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-        self.inference_allowed_mirroring_axes = None
-        return configuration
-
     def seed_training_prompts(self) -> None:
         """Seed the training prompts from (fold, DDP rank, epoch): ``--c`` resumes with the prompts the epoch would have
         drawn (no generator state to keep in the checkpoint), and every rank draws its own. Fold may be 'all'."""
@@ -121,11 +105,3 @@ class nnUNetTrainerDeSAM(nnUNetTrainer):
                 loss = loss + self.iou_loss_weight * iou_loss_per_class(iou[:, 0], prompts)
         backward_and_step(loss, self.optimizer, self.grad_scaler, self.network.parameters())
         return {"loss": loss.detach().cpu().numpy()}
-
-    def save_checkpoint(self, filename: str) -> None:
-        """As nnU-Net's, but checkpoint_final.pth drops Adam's moments (2× the weights): a slim, deployable file,
-        written once (:func:`~nnunetv2_desam.slim_checkpoint.save_slim_checkpoint`); ``--c`` still loads it."""
-        if is_final_checkpoint(filename):
-            save_slim_checkpoint(super().save_checkpoint, filename, drop_optimizer_moments)
-        else:
-            super().save_checkpoint(filename)

@@ -11,7 +11,8 @@ Rows (variants timed interleaved, repeat by repeat; medians; only the ratios mea
   PlainConvUNet nnU-Net plans for the patch, the same batch of patches. Target: DeSAM-B <= 3x nnU-Net.
 * ``grid``: DeSAM-P's 9x9-grid inference of one slice, gated prompts only and the bf16 encoder (ours), against one
   encoder pass (ours) and against every prompt decoded with the fp32 encoder (reference); checks that both segment
-  alike. Target: <= 1.5x one encoder pass. PRIM's IoU head is LiteMedSAM's (untrained for DeSAM), so how many prompts
+  alike; PRIM alone over the 81 prompts is timed too (the part no decoding shortcut removes). Target: <= 1.5x one
+  encoder pass. PRIM's IoU head is LiteMedSAM's (untrained for DeSAM), so how many prompts
   pass the gate (printed) is the pretrained head's, not a trained DeSAM-P's.
 
     python scripts/benchmark_litemedsam_cpu.py                  # ~10 minutes on 2 cores
@@ -130,10 +131,16 @@ def grid_row(setup: Setup, warmup: int, repeats: int) -> dict:
         network.decoder.deep_supervision = False
     x = setup.slices(1)
     with torch.inference_mode():
+        _, embedding = ours.encode_image(x)
+        sparse, dense, _ = ours.encode_prompts(1, tuple(x.shape[-2:]))
+        dense_pe = ours.prompt_encoder.get_dense_pe()
+        chunk = ours.prompt_chunk_size
+        prim_only = lambda: [ours.prim(embedding, dense_pe, sparse[i: i + chunk], dense[i: i + chunk]) for i in range(0, len(sparse), chunk)]
         variants = [
             Variant("reference", "9x9 grid, every prompt decoded, fp32 encoder", lambda: reference(x), lambda: resident_bytes(reference)),
             Variant("ours", "9x9 grid, gated prompts decoded, bf16 encoder", lambda: ours(x), lambda: resident_bytes(ours)),
             Variant("encoder", "one encoder pass (DeSAM.encode_image)", lambda: ours.encode_image(x), lambda: resident_bytes(ours.image_encoder)),
+            Variant("prim", "PRIM alone over the 81 prompts (part of ours)", prim_only, lambda: resident_bytes(ours.prim)),
         ]
         results = measure(variants, setup.device, warmup, repeats)
         bf16 = ours(x)
@@ -142,7 +149,8 @@ def grid_row(setup: Setup, warmup: int, repeats: int) -> dict:
         _, iou = ours(x, points=grid_points(9, tuple(x.shape[-2:]))[None])
         every_prompt = reference(x)
     add_ratios(results, {"ours": ("reference", None)})
-    results["ours"]["cost_vs_encoder"] = results["ours"]["median_ms"] / results["encoder"]["median_ms"]
+    for name in ("ours", "prim"):
+        results[name]["cost_vs_encoder"] = results[name]["median_ms"] / results["encoder"]["median_ms"]
     checks = {
         "prompts_decoded": int(prompts_that_count(iou, "gated").sum()), "prompts": 81,
         "differing_pixels_gated_only_vs_every_prompt_fp32": int((skipping_fp32.argmax(1) != every_prompt.argmax(1)).sum()),

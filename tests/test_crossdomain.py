@@ -8,6 +8,7 @@ once more with the paper's protocol (only rescoring) and the demo once more (not
 Every nnU-Net folder lives in tmp_path.
 """
 import csv
+import io
 import json
 import os
 
@@ -365,6 +366,16 @@ SMALL_DEMO = demo.DemoSettings(shape=(4, 48, 48), budget={"epochs": 1, "iteratio
                                grid_sizes=(2, 9), domains=DEFAULT_DOMAINS[:2])
 
 
+def test_the_demo_console_shows_one_line_per_step_and_a_failing_steps_log_tail():
+    console = io.StringIO()
+    quiet = demo.StepConsole(console)
+    quiet.write("summary of the experiment\n\n[1/3] prepare: skipped (done)\n\n[2/3] train a\n  $ nnUNetv2_train 1 2d 0\n")
+    assert console.getvalue() == "[1/3] prepare: skipped (done)\n[2/3] train a … "  # the running step shows at once
+    quiet.write("    Epoch 0\n[2/3] train a: finished in 40 s\n\n[3/3] predict b\n  last lines of log:\n  | Traceback\n")
+    assert console.getvalue().splitlines() == [
+        "[1/3] prepare: skipped (done)", "[2/3] train a … finished in 40 s", "[3/3] predict b … ", "  last lines of log:", "  | Traceback"]
+
+
 def test_demo_end_to_end_then_upper_bound_and_resume(tmp_path, monkeypatch, capsys):
     """The demo's workflow, smaller (two domains of 5 cases of 4×48×48, 1 epoch × 2 iterations): synthetic data,
     tiny SAM, baseline, DeSAM-B and DeSAM-P trained and applied with the real nnU-Net commands, the report and both
@@ -373,7 +384,7 @@ def test_demo_end_to_end_then_upper_bound_and_resume(tmp_path, monkeypatch, caps
     rescores; rerunning the demo redoes nothing and removes the nnU-Net folders; once they are gone, a rerun says the
     demo has finished instead of training again."""
     folder = tmp_path / "demo"
-    demo.run_demo(["-o", str(folder), "--cases", "5", "--keep"], SMALL_DEMO)
+    demo.run_demo(["-o", str(folder), "--cases", "5", "--keep", "-v"], SMALL_DEMO)
     first = capsys.readouterr().out
     assert "[3/" in first and f"train nnUNetTrainerDeSAM on {SOURCE}" in first and "\n    Epoch 0\n" in first
     assert "Please cite" not in first
@@ -414,12 +425,14 @@ def test_demo_end_to_end_then_upper_bound_and_resume(tmp_path, monkeypatch, caps
     assert PROTOCOL_FOREGROUND_SLICES in (output / "table.md").read_text()
     assert json.loads((output / "per_case.json").read_text())["protocol"] == PROTOCOL_FOREGROUND_SLICES
 
-    demo.run_demo(["-o", str(folder), "--cases", "5"], SMALL_DEMO)
+    demo.run_demo(["-o", str(folder), "--cases", "5"], SMALL_DEMO)  # quiet: one line per step
     fourth = capsys.readouterr().out
     step_lines = [line for line in fourth.splitlines() if line.startswith("[")]
     work = [line for line in step_lines if not line.split("] ", 1)[1].startswith(("write the report", "draw the"))]
     assert "resuming the demo" in fourth and work and all(line.endswith("skipped (done)") for line in work)
-    assert "$ nnUNetv2_" not in fourth
+    assert all(line.endswith((" s", "skipped (done)")) for line in step_lines)  # redone steps: header and time on one line
+    assert len({line.split("]")[0] for line in step_lines}) == len(step_lines) == int(step_lines[0].split("/")[1].split("]")[0])
+    assert "$ nnUNetv2_" not in fourth and "Epoch" not in fourth
     assert sorted(path.name for path in folder.iterdir()) == ["crossdomain", "demo.json"]
 
     demo.run_demo(["-o", str(folder), "--cases", "5"], SMALL_DEMO)  # finished, its nnU-Net folders gone: says so, retrains nothing

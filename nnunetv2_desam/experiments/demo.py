@@ -16,11 +16,14 @@ in-domain. Every output says so.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
+import re
 import shutil
 import sys
 import time
+from contextlib import nullcontext, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -71,6 +74,49 @@ class DemoError(ExperimentError):
     """A demo folder that cannot be used; printed as one line."""
 
 
+class StepConsole(io.TextIOBase):
+    """The demo's quiet console: what the experiment prints, reduced to one line per step.
+
+    A step's header shows when it starts and its time completes the line when it ends (``[3/14] train … finished
+    in 40 s``); a skipped step is its one ``skipped (done)`` line; a failing step's log tail passes.
+    Everything else (the summary, the nnU-Net commands, nnU-Net's epoch lines) is in the experiment's logs;
+    ``-v`` prints it all.
+    """
+
+    STEP = re.compile(r"^(\[\d+/\d+\] .*?)(: finished in \d+ s|: skipped \(done\))?$")
+    FAILURE = ("  last lines of ", "  | ")
+
+    def __init__(self, console):
+        self.console, self.pending, self.open_step = console, "", None
+
+    def write(self, text: str) -> int:
+        *lines, self.pending = (self.pending + text).split("\n")
+        for line in lines:
+            self.show(line)
+        return len(text)
+
+    def show(self, line: str) -> None:
+        step = self.STEP.match(line)
+        if step and step.group(2) and step.group(1) == self.open_step:
+            self.console.write(f"{step.group(2).removeprefix(': ')}\n")
+            self.open_step = None
+        elif step:
+            self.end_open_step()
+            self.console.write(line if step.group(2) else f"{line} … ")
+            self.open_step = None if step.group(2) else line
+            if step.group(2):
+                self.console.write("\n")
+        elif line.startswith(self.FAILURE):
+            self.end_open_step()
+            self.console.write(f"{line}\n")
+        self.console.flush()
+
+    def end_open_step(self) -> None:
+        if self.open_step is not None:
+            self.console.write("\n")
+            self.open_step = None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -83,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="demo folder (default: ./desam_demo); rerunning an interrupted demo (or one run with --keep) resumes")
     parser.add_argument("--cases", type=_at_least_two, default=6, metavar="N",
                         help="synthetic cases per domain (default 6; the source needs 2 for its 9:1 split)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="print the experiment's summary, every nnU-Net command and nnU-Net's per-epoch lines "
+                             "(default: one line per step; everything is in FOLDER/crossdomain/logs either way)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the nnU-Net raw, preprocessed and results folders and the SAM checkpoint "
                              "(about 130 MB); by default only the report folder crossdomain/ is kept")
@@ -195,8 +244,9 @@ def run_demo(argv: Sequence[str] | None = None, settings: DemoSettings = DemoSet
         return
     report_ignored_settings()
     checkpoint = write_inputs(folder, args.cases, settings)
-    experiment = run_experiment(crossdomain_arguments(folder, settings), demo_environment(folder, checkpoint),
-                                notes=[DISCLAIMER], figure_note=FIGURE_NOTE)
+    with nullcontext() if args.verbose else redirect_stdout(StepConsole(sys.stdout)):
+        experiment = run_experiment(crossdomain_arguments(folder, settings), demo_environment(folder, checkpoint),
+                                    notes=[DISCLAIMER], figure_note=FIGURE_NOTE)
     if not args.keep:
         remove_bulky_outputs(folder)
     print(f"\n{DISCLAIMER}\nDemo finished in {time.monotonic() - start:.0f} s; report, figures and logs in "

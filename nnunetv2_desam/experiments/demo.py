@@ -102,10 +102,11 @@ class StepConsole(io.TextIOBase):
             self.open_step = None
         elif step:
             self.end_open_step()
-            self.console.write(line if step.group(2) else f"{line} … ")
-            self.open_step = None if step.group(2) else line
             if step.group(2):
-                self.console.write("\n")
+                self.console.write(f"{line}\n")
+            else:
+                self.console.write(f"{line} … ")
+                self.open_step = line
         elif line.startswith(self.FAILURE):
             self.end_open_step()
             self.console.write(f"{line}\n")

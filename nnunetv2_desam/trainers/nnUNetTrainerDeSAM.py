@@ -19,7 +19,6 @@ from nnunetv2_desam.environment_variables import (
 from nnunetv2_desam.networks.desam import DeSAM, DeSAMSettings
 from nnunetv2_desam.networks.prompts import iou_loss_per_class, sample_training_points
 from nnunetv2_desam.networks.sam_input import intensity_windows_from_plans
-from nnunetv2_desam.trainer_checks import require_2d
 from nnunetv2_desam.trainers.nnUNetTrainerSAMSetting import nnUNetTrainerSAMSetting
 from nnunetv2_desam.training_step import autocast_on_cuda, backward_and_step
 
@@ -52,7 +51,7 @@ class nnUNetTrainerDeSAM(nnUNetTrainerSAMSetting):
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels, num_output_channels, enable_deep_supervision: bool = True) -> DeSAM:
         """The SAM file comes from DESAM_SAM_CHECKPOINT, the grid from DESAM_GRID_SIZE and DESAM_GRID_AGGREGATION,
         the intensity windows from the plans (called by the trainer and by nnUNetv2_predict, so both map intensities alike)."""
-        require_2d(configuration_manager.patch_size, "DeSAM")
+        cls.require_2d(configuration_manager)
         default = cls.desam_settings
         settings = DeSAMSettings(**{
             **default.to_dict(),

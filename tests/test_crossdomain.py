@@ -1,8 +1,8 @@
 """The one-command cross-domain experiment and the demo: refusals before anything runs, the rows
 (``--methods``), the split and SAM-file checks, the console filter, and one real end-to-end run.
 
-The end-to-end test runs the demo's workflow smaller (two synthetic domains of 5 cases of 4×48×48,
-1 epoch × 2 iterations; about 4–5 minutes on two cores) with the real nnU-Net commands, then the
+The end-to-end test runs the demo's workflow smaller (two synthetic domains of 3 cases of 3×48×48,
+1 epoch × 2 iterations at batch 2, DeSAM on the packaged LiteMedSAM; about 4–5 minutes on two cores) with the real nnU-Net commands, then the
 cross-domain command in the demo's folders with ``--upper-bound`` (only the upper bound's steps run),
 once more with the paper's protocol (only rescoring) and the demo once more (nothing is redone).
 Every nnU-Net folder lives in tmp_path.
@@ -353,17 +353,19 @@ def test_demo_environment_ignores_the_callers_settings_and_says_so(tmp_path, mon
     monkeypatch.setenv("nnUNet_results", "/somebody/elses/results")
     monkeypatch.setenv("DESAM_EPOCHS", "1000")
     monkeypatch.setenv("DESAM_GRID_SIZE", "abc")
-    environment = demo.demo_environment(tmp_path, tmp_path / demo.SAM_FILE)
+    monkeypatch.setenv("DESAM_SAM_CHECKPOINT", "/somebody/elses/sam.pth")
+    environment = demo.demo_environment(tmp_path, demo.DemoSettings(batch_size=3))
     assert environment["nnUNet_results"] == str(tmp_path / "nnUNet_results")
-    assert environment["DESAM_SAM_CHECKPOINT"] == str(tmp_path / demo.SAM_FILE)
+    assert "DESAM_SAM_CHECKPOINT" not in environment and environment["DESAM_BATCH_SIZE"] == "3"
+    assert environment["DESAM_GRID_SIZE"] == "5"
     assert "DESAM_EPOCHS" not in environment and "DESAM_GRID_SIZE" not in environment
     demo.report_ignored_settings()
     notice = capsys.readouterr().out
-    assert "DESAM_EPOCHS, DESAM_GRID_SIZE" in notice and "nnUNet_results" in notice and "its own settings" in notice
+    assert "DESAM_EPOCHS, DESAM_GRID_SIZE, DESAM_SAM_CHECKPOINT" in notice and "nnUNet_results" in notice and "its own settings" in notice
 
 
-SMALL_DEMO = demo.DemoSettings(shape=(4, 48, 48), budget={"epochs": 1, "iterations-per-epoch": 2, "val-iterations": 1},
-                               grid_sizes=(2, 9), domains=DEFAULT_DOMAINS[:2])
+SMALL_DEMO = demo.DemoSettings(shape=(3, 48, 48), budget={"epochs": 1, "iterations-per-epoch": 2, "val-iterations": 1},
+                               batch_size=2, grid_size=3, grid_sizes=(2, 3), domains=DEFAULT_DOMAINS[:2])
 
 
 def test_the_demo_console_shows_one_line_per_step_and_a_failing_steps_log_tail():
@@ -377,26 +379,31 @@ def test_the_demo_console_shows_one_line_per_step_and_a_failing_steps_log_tail()
 
 
 def test_demo_end_to_end_then_upper_bound_and_resume(tmp_path, monkeypatch, capsys):
-    """The demo's workflow, smaller (two domains of 5 cases of 4×48×48, 1 epoch × 2 iterations): synthetic data,
-    tiny SAM, baseline, DeSAM-B and DeSAM-P trained and applied with the real nnU-Net commands, the report and both
+    """The demo's workflow, smaller (two domains of 3 cases of 3×48×48, 1 epoch × 2 iterations at batch 2): synthetic
+    data, the packaged LiteMedSAM, baseline, DeSAM-B and DeSAM-P trained and applied with the real nnU-Net commands, the report and both
     figures. Then the cross-domain command in the demo's folders: --upper-bound refuses a target split left by
     another run until --overwrite-split, then runs only the upper bound's steps; the paper's protocol only
     rescores; rerunning the demo redoes nothing and removes the nnU-Net folders; once they are gone, a rerun says the
     demo has finished instead of training again."""
     folder = tmp_path / "demo"
-    demo.run_demo(["-o", str(folder), "--cases", "5", "--keep", "-v"], SMALL_DEMO)
+    demo.run_demo(["-o", str(folder), "--cases", "3", "--keep", "-v"], SMALL_DEMO)
     first = capsys.readouterr().out
     assert "[3/" in first and f"train nnUNetTrainerDeSAM on {SOURCE}" in first and "\n    Epoch 0\n" in first
     assert "Please cite" not in first
     train_log = (folder / "crossdomain" / "logs" / f"train_nnUNetTrainerDeSAM_{SOURCE}.log").read_text()
     assert "Please cite" in train_log and "Epoch 0" in train_log and "train_loss" in train_log
+    assert "using the packaged LiteMedSAM encoder" in train_log  # the demo brings no SAM file of its own
+    debug = json.loads(next((folder / "nnUNet_results").glob("*/nnUNetTrainerDeSAM__*/fold_0/debug.json")).read_text())
+    assert debug["batch_size"] == str(SMALL_DEMO.batch_size)
     output = folder / "crossdomain"
     check_outputs(output, folder / "nnUNet_raw" / TARGET)
     assert demo.DISCLAIMER in (output / "table.md").read_text()
 
     for variable in crossdomain_experiment.NNUNET_FOLDERS:
         monkeypatch.setenv(variable, str(folder / variable))
-    monkeypatch.setenv("DESAM_SAM_CHECKPOINT", str(folder / demo.SAM_FILE))
+    monkeypatch.delenv("DESAM_SAM_CHECKPOINT", raising=False)
+    monkeypatch.setenv("DESAM_BATCH_SIZE", str(SMALL_DEMO.batch_size))
+    monkeypatch.setenv("DESAM_GRID_SIZE", str(SMALL_DEMO.grid_size))
     monkeypatch.setenv("nnUNet_def_n_proc", "1")
     monkeypatch.setenv("nnUNet_n_proc_DA", "0")
     argv = demo.crossdomain_arguments(folder, SMALL_DEMO) + ["--upper-bound"]
@@ -425,7 +432,7 @@ def test_demo_end_to_end_then_upper_bound_and_resume(tmp_path, monkeypatch, caps
     assert PROTOCOL_FOREGROUND_SLICES in (output / "table.md").read_text()
     assert json.loads((output / "per_case.json").read_text())["protocol"] == PROTOCOL_FOREGROUND_SLICES
 
-    demo.run_demo(["-o", str(folder), "--cases", "5"], SMALL_DEMO)  # quiet: one line per step
+    demo.run_demo(["-o", str(folder), "--cases", "3"], SMALL_DEMO)  # quiet: one line per step
     fourth = capsys.readouterr().out
     step_lines = [line for line in fourth.splitlines() if line.startswith("[")]
     work = [line for line in step_lines if not line.split("] ", 1)[1].startswith(("write the report", "draw the"))]
@@ -435,7 +442,7 @@ def test_demo_end_to_end_then_upper_bound_and_resume(tmp_path, monkeypatch, caps
     assert "$ nnUNetv2_" not in fourth and "Epoch" not in fourth
     assert sorted(path.name for path in folder.iterdir()) == ["crossdomain", "demo.json"]
 
-    demo.run_demo(["-o", str(folder), "--cases", "5"], SMALL_DEMO)  # finished, its nnU-Net folders gone: says so, retrains nothing
+    demo.run_demo(["-o", str(folder), "--cases", "3"], SMALL_DEMO)  # finished, its nnU-Net folders gone: says so, retrains nothing
     fifth = capsys.readouterr().out
     assert "this demo has finished" in fifth and not any(line.startswith("[") for line in fifth.splitlines())
     assert sorted(path.name for path in folder.iterdir()) == ["crossdomain", "demo.json"]
@@ -476,7 +483,7 @@ def check_outputs(output, target_folder):
         assert image.ndim == 3 and min(image.shape[:2]) > 100 and image.std() > 0
 
     with open(output / "dice_vs_grid_size.csv", newline="") as file:
-        assert {row["trainer"] for row in csv.DictReader(file)} == {"2×2 grid", "9×9 grid"}
+        assert {row["trainer"] for row in csv.DictReader(file)} == {"2×2 grid", "3×3 grid"}  # 3×3: the demo's main grid
 
     for key in ("nnUNetTrainerBudget", "nnUNetTrainerDeSAM_Box", "nnUNetTrainerDeSAM", "grid_size_2"):
         folder = output / "predictions" / key / TARGET

@@ -137,7 +137,7 @@ def test_torch_compile_trains_and_infers_like_nnunet(tiny_sam_checkpoint, device
     AOTAutograd, backend 'aot_eager') without inductor's C++ code generation (3-4 minutes on 2 cores). The encoder
     runs in fp32 on the CPU, so that eager and compiled runs compare to 1e-4."""
     torch.manual_seed(0)
-    network = DeSAM.from_sam_checkpoint(tiny_sam_checkpoint, 1, 3, settings=DeSAMSettings(grid_size=3), cpu_bf16_encoder=False).to(device)
+    network = DeSAM.from_sam_checkpoint(tiny_sam_checkpoint, 1, 3, settings=DeSAMSettings(grid_size=3), cpu_bf16=False).to(device)
     twin = copy.deepcopy(network)
     compiled = torch.compile(twin, backend="inductor" if device == "cuda" else "aot_eager")
     eager_trainer, compiled_trainer = desam_trainer(network, device), desam_trainer(compiled, device)

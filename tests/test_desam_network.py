@@ -6,7 +6,7 @@ import pytest
 import torch
 from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
 
-from nnunetv2_desam.networks.desam import DeSAM, DeSAMSettings, prompt_passes, prompts_that_count
+from nnunetv2_desam.networks.desam import DeSAM, DeSAMSettings, cpu_has_native_bf16, prompt_passes, prompts_that_count
 from nnunetv2_desam.networks.prompts import grid_points
 from nnunetv2_desam.networks.pdmm import PDMM
 from nnunetv2_desam.errors import SAMCheckpointError
@@ -35,7 +35,7 @@ def reference_sam(sam_state_dict):
 def make_desam(sam_state_dict, channels=1, classes=3, settings=FULL, **kwargs) -> DeSAM:
     """Seeded; the encoder in fp32 (these tests compare with segment_anything's modules to 1e-5)."""
     torch.manual_seed(0)
-    return DeSAM(sam_state_dict, channels, classes, settings, **{"cpu_bf16_encoder": False, **kwargs})
+    return DeSAM(sam_state_dict, channels, classes, settings, **{"cpu_bf16": False, **kwargs})
 
 
 def test_encoder_taps_match_a_hand_written_pass_through_segment_anything_blocks(sam_state_dict, reference_sam):
@@ -269,6 +269,22 @@ def test_skipping_gated_off_prompts_equals_decoding_every_prompt(sam_state_dict,
         with mock.patch.object(skipping.decoder, "decode", wraps=skipping.decoder.decode) as decode:
             assert_same_combination(skipping(x), reference(x))
     assert sum(call.args[1].shape[0] for call in decode.call_args_list) == int(counting.sum())  # mask embeddings decoded
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16: the network runs in fp32")
+def test_the_gated_grid_skips_prompts_under_bf16_autocast_too(sam_state_dict):
+    """PRIM's mask embedding leaves autocast in fp32 (its last op is a LayerNorm), PDMM's logits in bf16: the skipped
+    prompts' zeros and the decoded prompts' logits meet in fp32, and the result matches decoding every prompt."""
+    x = torch.randn(2, 1, 96, 80, generator=torch.Generator().manual_seed(0))
+    bf16 = {"cpu_bf16": True}
+    skipping, reference = grid_pair(sam_state_dict, FULL, "gated", x, {**bf16, "skip_gated_off_prompts": False}, **bf16)
+    with torch.no_grad():
+        _, iou = skipping(x, points=grid_points(5, (96, 80)).expand(2, -1, -1))
+        counting = prompts_that_count(iou, "gated")
+        output, expected = skipping(x), reference(x)
+    assert 0 < int(counting.sum()) < counting.numel() and output.dtype == torch.float32
+    assert (output.exp() - expected.exp()).abs().max() < 1e-2
+    assert (output.argmax(1) == expected.argmax(1)).float().mean() > 0.99
 
 
 def test_a_grid_where_no_prompt_passes_is_background_without_decoding(sam_state_dict):

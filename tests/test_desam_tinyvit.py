@@ -49,25 +49,50 @@ def test_lite_medsam_backbone_embedding_is_the_library_encoders_and_pdmm_is_full
     assert logits.shape == (1, 3, 256, 256)
 
 
-@pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16: the encoder runs in fp32")
-def test_the_encoder_runs_in_bf16_on_this_cpu_and_stays_close_to_fp32(lite_medsam_desam):
-    """The default CPU path autocasts the frozen encoder to bf16 (what the benchmark times) and hands fp32 on. On noise
-    the taps move by a few per cent; what matters, the box-prompted Dice, is compared in test_litemedsam_input."""
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16: the network runs in fp32")
+def test_encoder_prim_and_pdmm_run_in_bf16_on_this_cpu_and_hand_on_fp32(lite_medsam_desam):
+    """The default CPU path autocasts the encoder, PRIM and PDMM to bf16 (what the benchmark times) and returns fp32
+    logits and IoUs close to the fp32 path's. What matters, the box-prompted Dice, is compared in test_litemedsam_input."""
+    network = lite_medsam_desam
     x = torch.randn(2, 1, 96, 80, generator=torch.Generator().manual_seed(2))
-    seen = []
-    hook = lite_medsam_desam.image_encoder.encoder.neck[0].register_forward_hook(lambda module, args, output: seen.append(output.dtype))
+    points = torch.tensor([[[40.0, 48.0]], [[20.0, 30.0]]])
+    parts = {"encoder": network.image_encoder.encoder.neck[0], "prim": network.prim.transformer, "pdmm": network.decoder.seg_layers[0]}
+    seen = {name: [] for name in parts}
+    hooks = [module.register_forward_hook(lambda module, args, output, name=name: seen[name].append(_dtype(output)))
+             for name, module in parts.items()]
     try:
         with torch.no_grad():
-            taps, embedding = lite_medsam_desam.encode_image(x)
-            lite_medsam_desam.cpu_bf16_encoder = False
-            taps_fp32, embedding_fp32 = lite_medsam_desam.encode_image(x)
+            (logits, iou), taps = network(x, points=points), network.encode_image(x)[0]
+            network.cpu_bf16 = False
+            (logits_fp32, iou_fp32), taps_fp32 = network(x, points=points), network.encode_image(x)[0]
     finally:
-        lite_medsam_desam.cpu_bf16_encoder = True
-        hook.remove()
-    assert seen == [torch.bfloat16, torch.float32]
-    assert embedding.dtype == torch.float32 and all(t.dtype == torch.float32 for t in taps)
-    for ours, reference in zip([*taps, embedding], [*taps_fp32, embedding_fp32]):
+        network.cpu_bf16 = True
+        for hook in hooks:
+            hook.remove()
+    assert seen == {"encoder": [torch.bfloat16] * 2 + [torch.float32] * 2, "prim": [torch.bfloat16, torch.float32],
+                    "pdmm": [torch.bfloat16, torch.float32]}
+    assert logits.dtype == iou.dtype == torch.float32 and all(t.dtype == torch.float32 for t in taps)
+    for ours, reference in [(logits, logits_fp32), (iou, iou_fp32), *zip(taps, taps_fp32)]:
         assert 0 < ((ours - reference).norm() / reference.norm()).item() < 0.1
+
+
+def _dtype(output):
+    return (output[0] if isinstance(output, tuple) else output).dtype
+
+
+def test_frozen_lite_medsam_has_its_batchnorms_folded_and_its_features_unchanged(lite_medsam, lite_medsam_desam, tmp_path):
+    """The frozen encoder's BatchNorms are folded into their convolutions: none is left, the taps are the library's."""
+    from nnunetv2_desam.networks.tinyvit_encoder import load_tinyvit_encoder
+
+    library_encoder, _ = load_tinyvit_encoder(lite_medsam)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in library_encoder.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in lite_medsam_desam.image_encoder.modules())
+    images = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        taps, _ = lite_medsam_desam.image_encoder(images)
+        expected = library_encoder.layers[0](library_encoder.patch_embed(images))
+    expected = expected.unflatten(1, (128, 128)).permute(0, 3, 1, 2)
+    torch.testing.assert_close(taps[0], expected, atol=1e-5 * expected.abs().max().item(), rtol=0)  # float rounding
 
 
 def test_lite_medsam_input_is_the_unit_range_without_sam_statistics(lite_medsam_desam):
@@ -83,18 +108,19 @@ def test_lite_medsam_input_is_the_unit_range_without_sam_statistics(lite_medsam_
 
 
 def test_frozen_lite_medsam_stays_in_eval_mode_through_a_training_step(lite_medsam):
-    """nnU-Net calls network.train(): TinyViT's BatchNorm statistics must not move, only PRIM and PDMM learn."""
+    """nnU-Net calls network.train(): the frozen TinyViT (BatchNorms folded) stays in eval mode and unchanged, only
+    PRIM and PDMM learn."""
     torch.manual_seed(0)
     network = DeSAM(lite_medsam, 1, 2, settings=DeSAMSettings(prompt_mode="box", use_iou_head=False))
     network.train()
-    statistics = {k: v.clone() for k, v in network.image_encoder.state_dict().items() if "running_" in k}
+    encoder_weights = {k: v.clone() for k, v in network.image_encoder.state_dict().items()}
     trainable = {k: v.detach().clone() for k, v in network.named_parameters() if v.requires_grad}
     optimizer = torch.optim.Adam([p for p in network.parameters() if p.requires_grad], lr=1e-3)
     logits, _ = network(torch.randn(2, 1, 48, 48), boxes=torch.tensor([[0.0, 0.0, 48.0, 48.0]] * 2))
     torch.nn.functional.cross_entropy(logits, torch.randint(0, 2, (2, 48, 48))).backward()
     optimizer.step()
     assert not any(m.training for m in network.image_encoder.modules())
-    assert all(torch.equal(v, network.image_encoder.state_dict()[k]) for k, v in statistics.items())
+    assert all(torch.equal(v, network.image_encoder.state_dict()[k]) for k, v in encoder_weights.items())
     assert any(not torch.equal(v, dict(network.named_parameters())[k]) for k, v in trainable.items())
     assert all(not p.requires_grad for p in network.image_encoder.parameters())
 

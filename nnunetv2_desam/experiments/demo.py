@@ -6,7 +6,7 @@ On a machine with nothing configured, it creates FOLDER with its own ``nnUNet_ra
 then runs ``nnUNetv2_desam_crossdomain`` on them with DeSAM on the packaged LiteMedSAM (pretrained
 on real medical images; the default encoder) and a budget sized to LiteMedSAM's cost on a 2-core
 CPU: 30 iterations at batch 4 for every row (the DeSAM trainers at learning rate 1e-3), DeSAM-P
-predicting with a 5×5 grid (the paper's 9×9 costs about 13 s per slice there). Every
+predicting with a 5×5 grid (the paper's 9×9 costs 9-13 s per slice there). Every
 setting reaches the subprocesses through their environment only; the caller's shell and
 environment variables are neither read for nnU-Net settings nor changed.
 

@@ -275,6 +275,7 @@ def test_skipping_gated_off_prompts_equals_decoding_every_prompt(sam_state_dict,
 def test_the_gated_grid_skips_prompts_under_bf16_autocast_too(sam_state_dict):
     """PRIM's mask embedding leaves autocast in fp32 (its last op is a LayerNorm), PDMM's logits in bf16: the skipped
     prompts' zeros and the decoded prompts' logits meet in fp32, and the result matches decoding every prompt."""
+    assert DeSAM(sam_state_dict, 1, 2).cpu_bf16 is False  # by default only from 256² encoders on: this one is 128²
     x = torch.randn(2, 1, 96, 80, generator=torch.Generator().manual_seed(0))
     bf16 = {"cpu_bf16": True}
     skipping, reference = grid_pair(sam_state_dict, FULL, "gated", x, {**bf16, "skip_gated_off_prompts": False}, **bf16)

@@ -54,6 +54,7 @@ def test_encoder_prim_and_pdmm_run_in_bf16_on_this_cpu_and_hand_on_fp32(lite_med
     """The default CPU path autocasts the encoder, PRIM and PDMM to bf16 (what the benchmark times) and returns fp32
     logits and IoUs close to the fp32 path's. What matters, the box-prompted Dice, is compared in test_litemedsam_input."""
     network = lite_medsam_desam
+    assert network.cpu_bf16 is True  # the default for LiteMedSAM's 256² encoder
     x = torch.randn(2, 1, 96, 80, generator=torch.Generator().manual_seed(2))
     points = torch.tensor([[[40.0, 48.0]], [[20.0, 30.0]]])
     parts = {"encoder": network.image_encoder.encoder.neck[0], "prim": network.prim.transformer, "pdmm": network.decoder.seg_layers[0]}

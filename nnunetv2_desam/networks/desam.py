@@ -43,6 +43,8 @@ from nnunetv2_desam.networks.sam_checkpoint import SAMConfig, build_prompt_encod
 
 FROZEN_MODULES = ("image_encoder", "prompt_encoder")
 PROMPT_CHUNK_SIZE = 27  # image·prompt pairs per PRIM/PDMM pass, whatever the batch: a third of the 9×9 grid
+# CPU bf16 by default from this encoder input size on (LiteMedSAM's 256²; a 128² random test SAM's step is 30 % slower in bf16)
+CPU_BF16_MIN_INPUT_SIZE = 256
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,8 @@ class DeSAM(nn.Module):
     passes 0.5: the others cannot change the result, see :func:`prompts_that_count`). On CPUs with
     native bf16 the encoder, PRIM and PDMM run under bf16 autocast in training and inference, as
     nnU-Net autocasts to fp16 on CUDA (``cpu_bf16``, see :func:`cpu_bf16_autocast`; off = fp32, the
-    reference); the SAM input, the grid's combination and the outputs stay fp32. Grid prompts go through PRIM and
+    reference; by default on for encoders of at least 256² input, every published SAM, and off for the tests'
+    tiny random ones, where the casts cost more than bf16 saves); the SAM input, the grid's combination and the outputs stay fp32. Grid prompts go through PRIM and
     PDMM ``prompt_chunk_size`` image·prompt pairs at a time, which bounds memory for any grid
     and batch size. ``intensity_windows``: one (low, high) of nnU-Net's normalised units per input
     channel (:func:`~nnunetv2_desam.networks.sam_input.intensity_windows` reads them off the plans).
@@ -110,7 +113,7 @@ class DeSAM(nn.Module):
         prompt_shared_decoding: bool = True,
         fused_attention: bool = True,
         skip_gated_off_prompts: bool = True,
-        cpu_bf16: bool = True,
+        cpu_bf16: Optional[bool] = None,
         prompt_chunk_size: int = PROMPT_CHUNK_SIZE,
         intensity_windows: Optional[Sequence[Tuple[float, float]]] = None,
         fingerprint: Optional[str] = None,
@@ -124,7 +127,7 @@ class DeSAM(nn.Module):
         self.num_classes = num_classes
         self.prompt_shared_decoding = prompt_shared_decoding
         self.skip_gated_off_prompts = skip_gated_off_prompts
-        self.cpu_bf16 = cpu_bf16
+        self.cpu_bf16 = config.img_size >= CPU_BF16_MIN_INPUT_SIZE if cpu_bf16 is None else cpu_bf16
         self.prompt_chunk_size = prompt_chunk_size
         self.image_encoder = build_backbone(config, sam_state_dict)
         if fused_attention and config.family == "vit":

@@ -146,7 +146,9 @@ def grid_row(setup: Setup, warmup: int, repeats: int) -> dict:
         sparse, dense, _ = ours.encode_prompts(1, tuple(x.shape[-2:]))
         dense_pe = ours.prompt_encoder.get_dense_pe()
         chunk = ours.prompt_chunk_size
-        prim_only = lambda: [ours.prim(embedding, dense_pe, sparse[i: i + chunk], dense[i: i + chunk]) for i in range(0, len(sparse), chunk)]
+        def prim_only():
+            with ours.autocast(x.device):
+                return [ours.prim(embedding, dense_pe, sparse[i: i + chunk], dense[i: i + chunk]) for i in range(0, len(sparse), chunk)]
         variants = [
             Variant("reference", "9x9 grid, every prompt decoded, fp32", lambda: reference(x), lambda: resident_bytes(reference)),
             Variant("ours", "9x9 grid, gated prompts decoded, bf16 autocast", lambda: ours(x), lambda: resident_bytes(ours)),

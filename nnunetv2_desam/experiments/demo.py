@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Sequence
 
 from nnunetv2_desam.console import run_console_command
-from nnunetv2_desam.environment_variables import BATCH_SIZE_VARIABLE, GRID_SIZE_VARIABLE, LEARNING_RATE_VARIABLE, positive_int_argument
+from nnunetv2_desam.environment_variables import (BATCH_SIZE_VARIABLE, GRID_SIZE_VARIABLE, LEARNING_RATE_VARIABLE,
+                                                  positive_int_argument)
 from nnunetv2_desam.errors import ExperimentError
 from nnunetv2_desam.experiments.crossdomain.cli import RESUME_HINT, run_experiment
 from nnunetv2_desam.experiments.crossdomain.experiment import NNUNET_FOLDERS
@@ -68,8 +69,9 @@ class DemoSettings:
 
     def record(self, num_cases: int) -> dict:
         """What a demo folder records in demo.json; a rerun resumes only with the same record."""
-        return {"cases": num_cases, "shape": list(self.shape), "seed": SEED, "budget": self.budget, "batch_size": self.batch_size,
-                "learning_rate": LEARNING_RATE, "grid_size": self.grid_size, "grid_sizes": list(self.grid_sizes), "domains": [domain.name for domain in self.domains],
+        return {"cases": num_cases, "shape": list(self.shape), "seed": SEED, "budget": self.budget,
+                "batch_size": self.batch_size, "learning_rate": LEARNING_RATE, "grid_size": self.grid_size,
+                "grid_sizes": list(self.grid_sizes), "domains": [domain.name for domain in self.domains],
                 "encoder": "LiteMedSAM"}
 
 

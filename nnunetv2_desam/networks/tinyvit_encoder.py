@@ -218,7 +218,7 @@ def fold_batch_norms(encoder: nn.Module) -> nn.Module:
 
     For a frozen encoder this is the same function with one pass over each feature map instead of two (stage 0's
     BatchNorms run over 256² maps); the CPU benchmark shows no speed-up beyond noise. Only for an encoder that never
-trains and stays in eval mode. Returns ``encoder``.
+    trains and stays in eval mode. Returns ``encoder``.
     """
     for name, child in encoder.named_children():
         if isinstance(child, nn.Sequential) and callable(getattr(child, "fuse", None)):

@@ -97,9 +97,10 @@ class DeSAM(nn.Module):
     passes 0.5: the others cannot change the result, see :func:`prompts_that_count`). On CPUs with
     native bf16 the encoder, PRIM and PDMM run under bf16 autocast in training and inference, as
     nnU-Net autocasts to fp16 on CUDA (``cpu_bf16``, see :func:`cpu_bf16_autocast`; off = fp32, the
-    reference; by default on for encoders of at least 256² input, every published SAM, and off for the tests'
-    tiny random ones, where the casts cost more than bf16 saves); the SAM input, the grid's combination and the outputs stay fp32. Grid prompts go through PRIM and
-    PDMM ``prompt_chunk_size`` image·prompt pairs at a time, which bounds memory for any grid
+    reference; by default on for encoders of at least 256² input, every published SAM, and off for
+    the tests' tiny random ones, where the casts cost more than bf16 saves); the SAM input, the
+    grid's combination and the outputs stay fp32. Grid prompts go through PRIM and PDMM
+    ``prompt_chunk_size`` image·prompt pairs at a time, which bounds memory for any grid
     and batch size. ``intensity_windows``: one (low, high) of nnU-Net's normalised units per input
     channel (:func:`~nnunetv2_desam.networks.sam_input.intensity_windows` reads them off the plans).
     """

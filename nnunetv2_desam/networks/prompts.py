@@ -20,7 +20,8 @@ class TrainingPrompts(NamedTuple):
     """One point prompt per sample and what it teaches the IoU head.
 
     points: B×1×2 (x, y) at pixel centres; iou_target: B×(K-1), 1.0 where the point lies in that
-    class; supervised: B×(K-1), 1.0 for the one IoU output each point trains (the chosen class).
+    class; supervised: B×(K-1), 1.0 for the one IoU output each point trains (the chosen class; none in a
+    patch without foreground).
     """
 
     points: torch.Tensor
@@ -36,13 +37,14 @@ def sample_training_points(
 ) -> TrainingPrompts:
     """One point per sample that gives every class's IoU output balanced targets.
 
-    Per sample, a class c is chosen uniformly among the foreground classes present in the patch
-    (among all of them when none is), then a point inside c or outside it with equal probability;
-    the point trains class c's IoU output only, towards 1 inside and 0 outside. So each output sees
-    as many positives as negatives wherever its class is present, whatever its size and however
-    many classes the task has. A patch without foreground gives an outside point: a negative for a
-    random class (the IoU head must also learn that background-only slices hold no organ). With one
-    foreground class this is the authors' recipe: inside or outside the foreground, 1:1.
+    Per sample, a class c is chosen uniformly among the foreground classes present in the patch,
+    then a point inside c or outside it with equal probability; the point trains class c's IoU
+    output only, towards 1 inside and 0 outside. So each output sees as many positives as negatives,
+    whatever its class's size and however many classes the task has. A patch without foreground
+    (nnU-Net samples many) still gets a point, for the mask loss, but trains no IoU output: as
+    negatives those patches would pull every output's base rate under the gate's 0.5 (the authors
+    train on foreground slices only). With one foreground class this is the authors' recipe:
+    inside or outside the foreground, 1:1.
 
     DeSAM's grid-points training: the mask target stays the whole ground truth wherever the point
     lands; only the IoU head learns whether the point hits an object.
@@ -58,7 +60,8 @@ def sample_training_points(
     valid = labels != ignore_label if ignore_label is not None else torch.ones_like(labels, dtype=torch.bool)
     classes = torch.arange(1, num_foreground_classes + 1)
     present = ((labels[:, None, :] == classes[None, :, None]) & valid[:, None, :]).any(dim=2)  # B×(K-1)
-    present = torch.where(present.any(dim=1, keepdim=True), present, torch.ones_like(present))
+    has_foreground = present.any(dim=1, keepdim=True)  # B×1
+    present = torch.where(has_foreground, present, torch.ones_like(present))
     chosen = torch.multinomial(present.float(), 1, generator=generator)  # B×1, index into classes
     in_class = (labels == chosen + 1) & valid
     want_inside = torch.rand(labels.shape[0], generator=generator) < 0.5
@@ -70,7 +73,7 @@ def sample_training_points(
     rows, cols = index // width, index % width
     points = torch.stack([cols, rows], dim=-1).float()[:, None, :] + 0.5
     hit = labels.gather(1, index[:, None])
-    supervised = torch.zeros(labels.shape[0], num_foreground_classes).scatter_(1, chosen, 1.0)
+    supervised = torch.zeros(labels.shape[0], num_foreground_classes).scatter_(1, chosen, 1.0) * has_foreground
     return TrainingPrompts(points, (hit == classes[None]).float(), supervised)
 
 

@@ -14,10 +14,10 @@ inside points stay under 0.5 is deleted by the default gated grid whatever PDMM 
 import argparse
 import os
 
-import blosc2
 import numpy as np
 import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
 from nnunetv2_desam.environment_variables import positive_int_argument
 from nnunetv2_desam.networks.prompts import grid_points
@@ -35,7 +35,8 @@ def foreground_slices(predictor: nnUNetPredictor, case: str, count: int):
     """(images S×C×H×W, labels S×H×W) of ``count`` evenly spaced slices with foreground, fitted to the patch."""
     folder = os.path.join(os.environ["nnUNet_preprocessed"], predictor.plans_manager.dataset_name,
                           predictor.configuration_manager.data_identifier)
-    image, labels = blosc2.open(os.path.join(folder, f"{case}.b2nd"))[:], blosc2.open(os.path.join(folder, f"{case}_seg.b2nd"))[:][0]
+    image, labels, _, _ = infer_dataset_class(folder)(folder, [case]).load_case(case)
+    image, labels = np.asarray(image), np.asarray(labels)[0]
     with_foreground = np.flatnonzero((labels > 0).reshape(len(labels), -1).any(1))
     chosen = with_foreground[np.linspace(0, len(with_foreground) - 1, count).round().astype(int)]
     height, width = predictor.configuration_manager.patch_size
@@ -45,6 +46,21 @@ def foreground_slices(predictor: nnUNetPredictor, case: str, count: int):
     images[..., :h, :w] = image[:, chosen, :h, :w].transpose(1, 0, 2, 3)
     fitted[:, :h, :w] = labels[chosen, :h, :w]
     return torch.from_numpy(images), fitted
+
+
+def grid_ious(network, image: torch.Tensor, grid: torch.Tensor) -> np.ndarray:
+    """PRIM's IoU outputs P×(K-1) for the P grid points on one C×H×W slice: the encoder and PRIM only, as the
+    network's forward runs them, in the same passes of ``prompt_chunk_size`` prompts (PDMM, which the gate decides
+    about, is not needed)."""
+    chunk, ious = network.prompt_chunk_size, []
+    with torch.no_grad():
+        _, embedding = network.encode_image(image[None])
+        sparse, dense, _ = network.encode_prompts(1, tuple(image.shape[-2:]), points=grid[None])
+        dense_pe = network.prompt_encoder.get_dense_pe()
+        for start in range(0, len(grid), chunk):
+            with network.autocast(image.device):
+                ious.append(network.prim(embedding, dense_pe, sparse[start: start + chunk], dense[start: start + chunk])[1])
+    return torch.cat(ious).float().view(len(grid), -1).numpy()
 
 
 def main() -> None:
@@ -64,9 +80,7 @@ def main() -> None:
     for case in args.cases:
         images, labels = foreground_slices(predictor, case, args.slices)
         for image, label in zip(images, labels):
-            with torch.no_grad():
-                _, iou = predictor.network(image[None], points=grid[None])
-            iou, hit = iou[0].float().numpy(), label[rows, columns]  # P×(K-1), P
+            iou, hit = grid_ious(predictor.network, image, grid), label[rows, columns]  # P×(K-1), P
             for k in range(num_classes):
                 inside[k] += iou[hit == k + 1, k].tolist()
                 outside[k] += iou[hit != k + 1, k].tolist()

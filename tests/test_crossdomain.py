@@ -19,7 +19,7 @@ import SimpleITK as sitk
 import torch
 
 from nnunetv2_desam.experiments import demo
-from nnunetv2_desam.experiments.crossdomain import cli, experiment as crossdomain_experiment, methods, steps, subprocess_runner
+from nnunetv2_desam.experiments.crossdomain import cli, experiment as crossdomain_experiment, methods, report_notes, steps, subprocess_runner
 from nnunetv2_desam.errors import ExperimentError, StepFailed
 from nnunetv2_desam.experiments.report import PROTOCOL_FOREGROUND_SLICES, PROTOCOL_WHOLE_VOLUME
 from nnunetv2_desam.experiments.synthetic import DEFAULT_DOMAINS, LABELS, write_synthetic_domains
@@ -175,6 +175,16 @@ def test_finished_training_with_another_budget_is_refused(nnunet_env, capsys):
     (fold / "debug.json").write_text(json.dumps({"num_epochs": "1000", "batch_size": "2"}))
     code = run_main(["-s", "901", "-t", "902", "-tr", "nnUNetTrainerBudget", *BUDGET])
     assert_one_line_error(capsys, code, 2, "num_epochs=1000", str(fold))
+
+
+def test_the_table_notes_say_what_each_row_trained_with(tmp_path):
+    (tmp_path / "debug.json").write_text(json.dumps({"num_epochs": "10", "num_iterations_per_epoch": "50", "batch_size": "4",
+                                                     "initial_lr": "0.0001", "optimizer": "Adam (...)"}))
+    record = crossdomain_experiment.training_record(tmp_path)
+    assert record == {"num_epochs": 10, "num_iterations_per_epoch": 50, "batch_size": 4, "initial_lr": 1e-4}
+    assert report_notes.describe_training(record) == "10 epochs × 50 iterations, batch 4, lr 0.0001"
+    (tmp_path / "debug.json").write_text(json.dumps({"num_epochs": "10", "initial_lr": "unknown"}))
+    assert report_notes.describe_training(crossdomain_experiment.training_record(tmp_path)) == "10 epochs × ? iterations, batch ?"
 
 
 def test_plans_of_ones_own_must_exist_before_anything_runs(nnunet_env, capsys):
@@ -455,8 +465,8 @@ def check_outputs(output, target_folder):
     assert PROTOCOL_WHOLE_VOLUME in table
     for method in methods:
         assert f"| {method} |" in table
-    for trainer in ("nnUNetTrainerBudget", "nnUNetTrainerDeSAM_Box", "nnUNetTrainerDeSAM"):
-        assert f"= {trainer} (1 epochs × 2 iterations" in table
+    for trainer, learning_rate in (("nnUNetTrainerBudget", "0.01"), ("nnUNetTrainerDeSAM_Box", "0.001"), ("nnUNetTrainerDeSAM", "0.001")):
+        assert f"= {trainer} (1 epochs × 2 iterations, batch 2, lr {learning_rate})" in table  # nnU-Net's; the demo's
     assert "| Method | SiteA (in-domain) | SiteB | Overall |" in table and "checkpoint_best.pth" in table
     assert "In-domain column: every method on those 1 validation case(s) of the source" in table
 

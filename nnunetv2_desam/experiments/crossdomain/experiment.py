@@ -284,13 +284,19 @@ def main_grid_size(environment: Mapping[str, str]) -> int:
 
 
 def training_record(folder: Path) -> dict:
-    """Budget and batch size nnU-Net recorded in ``debug.json`` when the training started; {} if absent."""
+    """Budget, batch size and initial learning rate (``initial_lr``) nnU-Net recorded in ``debug.json`` when the
+    training started; {} if absent."""
     try:
         debug = json.loads((folder / "debug.json").read_text())
     except (OSError, ValueError):
         return {}
     keys = [*BUDGET_VARIABLES, "batch_size"]
-    return {key: int(debug[key]) for key in keys if str(debug.get(key, "")).isdigit()}
+    record = {key: int(debug[key]) for key in keys if str(debug.get(key, "")).isdigit()}
+    try:
+        record["initial_lr"] = float(debug["initial_lr"])
+    except (KeyError, TypeError, ValueError):
+        pass
+    return record
 
 
 def check_finished_budgets(experiment: Experiment, classes: Mapping[str, type]) -> None:

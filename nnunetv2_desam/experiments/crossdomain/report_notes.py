@@ -11,10 +11,12 @@ from nnunetv2_desam.experiments.splits import compute_source_split
 
 
 def describe_training(record: dict) -> str:
+    """What a row was trained with, "E epochs × I iterations, batch B, lr L", from :func:`training_record`."""
     if not record:
         return "no debug.json"
-    return (f"{record.get('num_epochs', '?')} epochs × {record.get('num_iterations_per_epoch', '?')} iterations, "
-            f"batch {record.get('batch_size', '?')}")
+    described = (f"{record.get('num_epochs', '?')} epochs × {record.get('num_iterations_per_epoch', '?')} iterations, "
+                 f"batch {record.get('batch_size', '?')}")
+    return described + (f", lr {record['initial_lr']:g}" if "initial_lr" in record else "")
 
 
 def report_notes(experiment: Experiment) -> list[str]:
@@ -28,7 +30,7 @@ def report_notes(experiment: Experiment) -> list[str]:
         f"checkpoint; {report.OVERALL} averages the target domains only.",
         "Targets, every case scored: " + "; ".join(
             f"{experiment.domain_names[t.name]} = {t.name} ({len(t.cases)} cases)" for t in experiment.targets) + ".",
-        "Methods (nnU-Net trainer, training budget from its debug.json): " + "; ".join(
+        "Methods (nnU-Net trainer, training budget and initial learning rate from its debug.json): " + "; ".join(
             f"{experiment.method_names[trainer]} = {trainer} ({trained(experiment.source, trainer)})"
             for trainer in experiment.trainers) + ".",
         f"Model: fold {FOLD}, {CHECKPOINT}, which nnU-Net keeps as the best EMA pseudo-Dice on the in-domain "

@@ -20,6 +20,7 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
 from nnunetv2_desam.environment_variables import positive_int_argument
+from nnunetv2_desam.networks.desam import prompt_passes
 from nnunetv2_desam.networks.prompts import grid_points
 
 
@@ -52,14 +53,14 @@ def grid_ious(network, image: torch.Tensor, grid: torch.Tensor) -> np.ndarray:
     """PRIM's IoU outputs P×(K-1) for the P grid points on one C×H×W slice: the encoder and PRIM only, as the
     network's forward runs them, in the same passes of ``prompt_chunk_size`` prompts (PDMM, which the gate decides
     about, is not needed)."""
-    chunk, ious = network.prompt_chunk_size, []
+    ious = []
     with torch.no_grad():
         _, embedding = network.encode_image(image[None])
-        sparse, dense, _ = network.encode_prompts(1, tuple(image.shape[-2:]), points=grid[None])
+        sparse, dense, count = network.encode_prompts(1, tuple(image.shape[-2:]), points=grid[None])
         dense_pe = network.prompt_encoder.get_dense_pe()
-        for start in range(0, len(grid), chunk):
+        for _, prompts in prompt_passes(1, count, network.prompt_chunk_size):
             with network.autocast(image.device):
-                ious.append(network.prim(embedding, dense_pe, sparse[start: start + chunk], dense[start: start + chunk])[1])
+                ious.append(network.prim(embedding, dense_pe, sparse[prompts], dense[prompts])[1])
     return torch.cat(ious).float().view(len(grid), -1).numpy()
 
 

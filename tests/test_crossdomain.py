@@ -197,7 +197,8 @@ def test_plans_of_ones_own_must_exist_before_anything_runs(nnunet_env, capsys):
 
 def test_the_experiment_trains_and_predicts_with_ones_own_plans(nnunet_env, capsys, monkeypatch):
     """Plans made with nnU-Net's own commands (a coarser spacing), then the experiment with -p: nnUNetv2_preprocess
-    with those plans, training, prediction and scoring in the plans' model folder."""
+    with those plans, training, prediction and scoring in the plans' model folder. Then an interrupted prediction
+    continues: its finished case is kept, a missing and a cut-off one are predicted again."""
     write_domains(nnunet_env, num_cases=3)
     monkeypatch.setenv("nnUNet_def_n_proc", "1")
     monkeypatch.setenv("nnUNet_n_proc_DA", "0")
@@ -219,6 +220,21 @@ def test_the_experiment_trains_and_predicts_with_ones_own_plans(nnunet_env, caps
     assert json.loads((model / "plans.json").read_text())["configurations"]["2d"]["spacing"] == [2.0, 2.0]
     assert not (nnunet_env / "nnUNet_results" / SOURCE / "nnUNetTrainerBudget__nnUNetPlans__2d").exists()
     assert "| Baseline |" in (nnunet_env / "out" / "table.md").read_text()
+
+    # An interrupted target prediction: one case never written, one cut off mid-write, one finished.
+    predicted = nnunet_env / "out" / "predictions" / "nnUNetTrainerBudget" / TARGET
+    missing, cut_off, finished = sorted(predicted.glob("*.nii.gz"))
+    missing.unlink()
+    cut_off.write_bytes(cut_off.read_bytes()[:40])
+    finished_bytes, finished_mtime = finished.read_bytes(), finished.stat().st_mtime_ns
+    assert run_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "continuing the interrupted prediction: 1 of 3 cases kept (--continue_prediction)" in out
+    resumed = [line for line in out.splitlines() if line.startswith("  $ nnUNetv2_predict")]
+    assert len(resumed) == 1 and resumed[0].endswith("--continue_prediction") and str(predicted) in resumed[0]
+    assert finished.stat().st_mtime_ns == finished_mtime and finished.read_bytes() == finished_bytes
+    for path in (missing, cut_off):
+        assert sitk.GetArrayFromImage(sitk.ReadImage(str(path))).shape == (2, 16, 16)
 
 
 def test_failing_step_names_step_command_and_log(nnunet_env, monkeypatch, capsys):

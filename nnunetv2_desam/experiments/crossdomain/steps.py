@@ -3,7 +3,8 @@
 Each step runs the real nnU-Net console command (:mod:`.subprocess_runner`). Resumable: a step whose
 outputs exist prints "skipped (done)". A prediction folder carries a stamp naming the checkpoint (and its
 modification time) and the grid size it was made with, so retraining or another grid size redoes the
-prediction; predicting again deletes its scores.
+prediction; predicting again deletes its scores. The stamp is written before nnUNetv2_predict starts, so an
+interrupted prediction with the same stamp continues where it stopped (``--continue_prediction``).
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
+
+from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_file_ending
 
 from nnunetv2_desam.environment_variables import GRID_SIZE_VARIABLE
 from nnunetv2_desam.errors import ExperimentError
@@ -142,25 +145,39 @@ def prediction_stamp(experiment: Experiment, prediction: Prediction) -> dict:
             "grid_aggregation": experiment.grid_aggregation if prediction.grid_size else None}
 
 
+def read_stamp(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / STAMP_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def prediction_is_done(experiment: Experiment, prediction: Prediction) -> bool:
     folder = experiment.prediction_folder(prediction)
-    try:
-        stamp = json.loads((folder / STAMP_FILE).read_text())
-    except (OSError, ValueError):
-        return False
+    stamp = read_stamp(folder)
     return (stamp == prediction_stamp(experiment, prediction)
             and all((folder / f"{case}{prediction.target.file_ending}").is_file() for case in stamp["cases"]))
 
 
 def prediction_step(experiment: Experiment, prediction: Prediction) -> Step:
-    """``nnUNetv2_predict`` with checkpoint_best.pth; clears the folder and the scores of an earlier prediction."""
+    """``nnUNetv2_predict`` with checkpoint_best.pth; deletes the prediction's scores. A folder stamped for the same
+    checkpoint, images and grid is continued (its finished cases kept), any other is cleared first."""
     model = prediction.model_dataset
     title = f"predict {describe_images(prediction)} with {prediction.trainer} trained on {model.name}{describe_grid(prediction)}"
 
     def run() -> None:
         folder = experiment.prediction_folder(prediction)
-        shutil.rmtree(folder, ignore_errors=True)
+        stamp = prediction_stamp(experiment, prediction)
+        resume = read_stamp(folder) == stamp
         shutil.rmtree(experiment.score_file(prediction).parent, ignore_errors=True)
+        if resume:
+            kept = keep_finished_cases(folder, prediction.target, stamp["cases"])
+            print(f"  continuing the interrupted prediction: {kept} of {len(stamp['cases'])} cases kept "
+                  "(--continue_prediction)")
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            (folder / STAMP_FILE).write_text(json.dumps(stamp, indent=2))
         if prediction.in_domain:
             copy_cases(prediction.target, experiment.cases(prediction), experiment.input_folder(prediction))
         processes = str(min(3, int(experiment.processes)))
@@ -168,10 +185,29 @@ def prediction_step(experiment: Experiment, prediction: Prediction) -> Step:
                    "-d", model.name, "-c", CONFIGURATION, "-tr", prediction.trainer, "-p", experiment.plans, "-f", str(FOLD),
                    "-chk", CHECKPOINT, "-device", experiment.device, "-npp", processes, "-nps", processes]
         extra = {GRID_SIZE_VARIABLE: str(prediction.grid_size)} if prediction.grid_size else {}
-        run_command(experiment, title, "predict_" + prediction.key.replace("/", "_"), command, extra)
-        (folder / STAMP_FILE).write_text(json.dumps(prediction_stamp(experiment, prediction), indent=2))
+        run_command(experiment, title, "predict_" + prediction.key.replace("/", "_"), command + (
+            ["--continue_prediction"] if resume else []), extra)
 
     return Step(title, run, lambda: prediction_is_done(experiment, prediction))
+
+
+def keep_finished_cases(folder: Path, dataset: Dataset, cases: Sequence[str]) -> int:
+    """Delete the predicted segmentations in ``folder`` that nnU-Net's reader cannot read (a write cut off by the
+    interruption; ``--continue_prediction`` would skip them); returns how many cases remain."""
+    reader = determine_reader_writer_from_file_ending(dataset.file_ending, str(dataset.ground_truth(cases[0])),
+                                                      verbose=False)()
+    kept = 0
+    for case in cases:
+        path = folder / f"{case}{dataset.file_ending}"
+        if not path.is_file():
+            continue
+        try:
+            reader.read_seg(str(path))
+        except Exception:  # any reader's failure: not a finished prediction
+            path.unlink()
+            continue
+        kept += 1
+    return kept
 
 
 def describe_images(prediction: Prediction) -> str:

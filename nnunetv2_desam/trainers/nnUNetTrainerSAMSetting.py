@@ -20,8 +20,9 @@ class nnUNetTrainerSAMSetting(nnUNetTrainer):
 
     Checked before nnU-Net starts: 2D and a SAM file the networks can build on. Plain labels (no
     regions). DeSAM's budget of 50 epochs × 100 iterations at the paper's batch 8 (``DESAM_EPOCHS``
-    and friends, ``DESAM_BATCH_SIZE`` override it). Mirroring stays a training augmentation; test-time
-    mirroring is off (4× the inference cost). ``checkpoint_final.pth`` is written once, slimmed by
+    and friends, ``DESAM_BATCH_SIZE`` override it). No mirroring, in training or at test time: a mirrored slice
+    swaps left and right, and DeSAM-P trained with it labelled both kidneys of real CT as the left one (the authors
+    train without flips; documentation/nnunet_options.md). ``checkpoint_final.pth`` is written once, slimmed by
     :meth:`slim_final_checkpoint` (Adam's moments, 2× the trained weights, dropped; ``--c`` still loads it).
     Subclasses name their ``method``.
     """
@@ -46,9 +47,9 @@ class nnUNetTrainerSAMSetting(nnUNetTrainer):
         require_2d(configuration_manager.patch_size, cls.method)
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
-        configuration = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        rotation, dummy_2d, initial_patch_size, _ = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         self.inference_allowed_mirroring_axes = None
-        return configuration
+        return rotation, dummy_2d, initial_patch_size, None
 
     def save_checkpoint(self, filename: str) -> None:
         if is_final_checkpoint(filename):

@@ -58,7 +58,7 @@ def report_notes(experiment: Experiment) -> list[str]:
                      f"'{experiment.grid_aggregation}' ({GRID_AGGREGATION_VARIABLE}"
                      + ("; prompts with predicted IoU ≤ 0.5 do not count, a tile where none passes is background)."
                         if experiment.grid_aggregation == "gated" else ")."))
-    notes.append("nnU-Net trainers predict with their default test-time mirroring; DeSAM trainers without it "
+    notes.append("nnU-Net trainers train and predict with nnU-Net's mirroring; DeSAM trainers without it "
                  "(their setting).")
     return notes
 
